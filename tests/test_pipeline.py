@@ -1,0 +1,154 @@
+"""The pipeline on the smoke profile: stages, skipping, provenance, index, and every kind of bad input."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import nbformat
+import pytest
+from fmnist_lib.pipeline import PipelineError, plan, run
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def make_project(dest: Path) -> Path:
+    "A project root with the real stage notebooks, library source and verified data, and empty reports."
+    (dest / 'nbs').mkdir(parents=True)
+    shutil.copytree(REPO / 'nbs' / 'experiments', dest / 'nbs' / 'experiments')
+    shutil.copytree(REPO / 'fmnist_lib', dest / 'fmnist_lib', ignore=shutil.ignore_patterns('__pycache__'))
+    (dest / 'data').mkdir()
+    for d in ('raw', 'processed'):
+        (REPO / 'data' / d).mkdir(parents=True, exist_ok=True)
+        (dest / 'data' / d).symlink_to(REPO / 'data' / d)
+    return dest
+
+
+@pytest.fixture(scope='module')
+def smoke_project(tmp_path_factory, official_dir):
+    "One smoke run, shared: tests copy it before changing anything."
+    from fmnist_lib.data import fetch
+    fetch(progress=False)  # the real project's data/raw, which the copies link to
+    root = make_project(tmp_path_factory.mktemp('smoke') / 'project')
+    mp = pytest.MonkeyPatch()
+    mp.setenv('FMNIST_ROOT', str(root))
+    lines = []
+    index = run('smoke', echo=lines.append)
+    mp.undo()
+    return root, index, lines
+
+
+@pytest.fixture
+def project_copy(smoke_project, tmp_path, monkeypatch):
+    root, _, _ = smoke_project
+    dest = tmp_path / 'project'
+    shutil.copytree(root, dest, symlinks=True)
+    monkeypatch.setenv('FMNIST_ROOT', str(dest))
+    return dest
+
+
+def test_smoke_pipeline_runs_every_stage(smoke_project):
+    root, index, lines = smoke_project
+    jobs = {j['key']: j for j in index['jobs']}
+    assert list(jobs) == ['data_report', 'train:noskill', 'train:centroid', 'train:logreg', 'train:cnn-s0', 'train:vit-s0', 'ensemble']
+    assert all(j['status'] == 'ok' for j in jobs.values()), {k: j.get('error') for k, j in jobs.items()}
+    rep = root / 'reports' / 'smoke'
+    for j in jobs.values():
+        nb = nbformat.read(rep / j['output'], as_version=4)
+        assert nb.cells[0].source.startswith('# '), "the report opens with its title"
+        head = nb.cells[1]
+        assert head.metadata.get('tags') == ['provenance'], "then its provenance"
+        for field in ('profile', 'git commit', 'data checksum', 'fmnist_lib', 'hardware', 'seed', 'wall time', 'Parameters'):
+            assert field in head.source
+    assert jobs['train:cnn-s0']['headline']['test_acc'] > jobs['train:noskill']['headline']['test_acc'] + 0.3
+    assert jobs['ensemble']['headline']['model'] == 'ensemble'
+    champs = json.loads((rep / 'models' / 'champions.json').read_text())
+    assert 'fashion-mnist' in champs
+    assert (rep / 'runs' / 'cnn-s0' / 'model' / 'model.safetensors').is_file()
+
+
+def test_unchanged_stages_are_skipped_and_changes_rerun_dependents(project_copy):
+    lines = []
+    index = run('smoke', echo=lines.append)
+    assert {j['status'] for j in index['jobs']} == {'skipped'}
+    index = run('smoke', overrides={'train.cnn-s0.epochs': 2}, echo=lines.append)
+    status = {j['key']: j['status'] for j in index['jobs']}
+    assert status['train:cnn-s0'] == 'ok' and status['ensemble'] == 'ok'     # changed, and what needs it
+    assert status['train:vit-s0'] == 'skipped' and status['data_report'] == 'skipped'
+    assert {j['key']: j['params'] for j in index['jobs']}['train:cnn-s0']['epochs'] == 2
+
+
+def test_force_reruns(project_copy):
+    index = run('smoke', stages=['data_report'], force=True, echo=lambda s: None)
+    assert [j['status'] for j in index['jobs'] if j['key'] == 'data_report'] == ['ok']
+
+
+def test_failing_stage_names_notebook_and_cell_and_keeps_earlier_reports(project_copy):
+    rep = project_copy / 'reports' / 'smoke'
+    before = {p.name: p.read_bytes() for p in rep.glob('*.ipynb')}
+    lines = []
+    with pytest.raises(PipelineError, match='stage.*ensemble failed'):
+        run('smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}, echo=lines.append)
+    msg = '\n'.join(lines)
+    assert 'nbs/experiments/03_ensemble.ipynb, cell' in msg
+    assert "FmnistError: member no-such-run: expected a trained run" in msg
+    assert (rep / 'failed' / '03_ensemble.ipynb').is_file()
+    assert {p.name: p.read_bytes() for p in rep.glob('*.ipynb')} == before   # every earlier report intact
+    index = json.loads((rep / 'index.json').read_text())
+    assert {j['key']: j['status'] for j in index['jobs']}['ensemble'] == 'failed'
+
+
+def test_failure_blocks_the_stages_that_need_it(project_copy):
+    lines = []
+    with pytest.raises(PipelineError):
+        run('smoke', stages=['train', 'ensemble'], overrides={'train.vit-s0.dataset': 'no-such-dataset'}, echo=lines.append)
+    status = {j['key']: j['status'] for j in json.loads((project_copy / 'reports' / 'smoke' / 'index.json').read_text())['jobs']}
+    assert status['train:vit-s0'] == 'failed' and status['ensemble'] == 'blocked'
+
+
+# --- bad input, each before anything runs -------------------------------------------------------
+@pytest.mark.parametrize('kw, message', [
+    (dict(profile='tiny'), "profile: expected one of smoke, default, full, found 'tiny'"),
+    (dict(profile='smoke', overrides={'epoch': 3}), "unknown parameter 'epoch': no selected stage"),
+    (dict(profile='smoke', overrides={'epochs': 'five'}), "parameter epochs expects int, found 'five' (str)"),
+    (dict(profile='smoke', overrides={'train.cnn-s0.widths': 16}), "stage train run cnn-s0: parameter widths expects list, found 16 (int)"),
+    (dict(profile='smoke', overrides={'train.cnn-s9.epochs': 1}), "override for run 'cnn-s9'"),
+    (dict(profile='smoke', stages=['evaluate']), "stage: expected one of data_report, train, ensemble, found 'evaluate'"),
+])
+def test_bad_plans_fail_before_running(kw, message, project_copy):
+    before = sorted(p.name for p in (project_copy / 'reports' / 'smoke').rglob('*'))
+    with pytest.raises(PipelineError) as e:
+        run(**kw, echo=lambda s: None)
+    assert message in str(e.value)
+    assert sorted(p.name for p in (project_copy / 'reports' / 'smoke').rglob('*')) == before
+
+
+def test_missing_stage_notebook(project_copy):
+    (project_copy / 'nbs' / 'experiments' / '03_ensemble.ipynb').unlink()
+    with pytest.raises(PipelineError, match=r'stage ensemble: expected the notebook .*NN_ensemble.ipynb, found none'):
+        plan('smoke')
+
+
+def fmnist(*args, root):
+    return subprocess.run([str(BIN / 'fmnist'), *args], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {'FMNIST_ROOT': str(root)})
+
+
+def test_cli_malformed_params_yaml(project_copy, tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('epochs: [1, 2\n')
+    r = fmnist('run', '--profile', 'smoke', '-f', str(bad), root=project_copy)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f'fmnist: error: params file {bad}: expected valid YAML, found')
+    lst = tmp_path / 'list.yaml'
+    lst.write_text('- epochs\n')
+    r = fmnist('run', '--profile', 'smoke', '-f', str(lst), root=project_copy)
+    assert r.returncode == 1 and 'expected a mapping of parameter names to values, found list' in r.stderr
+
+
+def test_cli_params_file_and_list(project_copy, tmp_path):
+    f = tmp_path / 'p.yaml'
+    f.write_text('train:\n  runs:\n    cnn-s0: {epochs: 7}\nval_size: 600\n')
+    r = fmnist('run', '--profile', 'smoke', '-f', str(f), '--list', root=project_copy)
+    assert r.returncode == 0, r.stderr
+    cnn = next(l for l in r.stdout.splitlines() if l.startswith('train:cnn-s0'))
+    assert 'epochs=7' in cnn and 'val_size=600' in cnn
+    r = fmnist('run', '--profile', 'nope', root=project_copy)
+    assert r.returncode == 1 and "found 'nope'" in r.stderr

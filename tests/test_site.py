@@ -1,0 +1,130 @@
+"""The report site: a strict Jupyter Book build of the smoke reports, no broken internal links, and a real
+browser (headless Chromium driven by Selenium) that sees the title, the results table and every image."""
+import functools, http.server, os, re, shutil, subprocess, sys, threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HTML = REPO / 'book' / '_build' / 'html'
+SHOTS = REPO / 'reports' / 'site-screenshots'
+CHROMIUM, DRIVER = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
+
+
+@pytest.fixture(scope='module')
+def site():
+    "Build the site from the smoke profile's reports (running the smoke pipeline first if it has not run)."
+    from fmnist_lib.book import build
+    from fmnist_lib.pipeline import run
+    os.environ.pop('FMNIST_ROOT', None)
+    if not (REPO / 'reports' / 'smoke' / 'index.json').is_file():
+        run('smoke', echo=lambda s: None)
+    return build('smoke', strict=True, echo=lambda s: None)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__(); self.refs, self.ids = [], set()
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if 'id' in a: self.ids.add(a['id'])
+        for k in ('href', 'src'):
+            if a.get(k): self.refs.append((tag, a[k]))
+
+
+def test_build_is_strict_and_has_every_page(site):
+    assert site == HTML / 'index.html' and site.is_file()
+    for page in ('problem', 'data_card', 'model_card', 'architecture', 'reproduce'):
+        assert (HTML / f'{page}.html').is_file()
+    reports = sorted(p.name for p in (HTML / 'reports').glob('*.html'))
+    assert '01_data_report.html' in reports and '02_train-cnn-s0.html' in reports and '03_ensemble.html' in reports
+    library = sorted(p.name for p in (HTML / 'library').glob('*.html'))
+    assert {'00_core.html', '01_data.html', '03_train.html', '04_pipeline.html'} <= set(library)
+    import html
+    lib = html.unescape(re.sub(r'<[^>]+>', '', (HTML / 'library' / '01_data.html').read_text()))
+    assert 'def load(' in lib, "the library reference shows the source"
+    assert "val_size:int | float=0" in lib, "show_doc's signature rendering is missing"
+    assert 'show_doc(' not in lib, "show_doc calls are plumbing, not content"
+    assert '#| export' not in lib and '#|' not in lib, "nbdev directives must not reach the site"
+    assert 'cached load:' in lib, "example outputs of the library notebook are missing"
+
+
+def test_no_broken_internal_links(site):
+    pages = {p: _Links() for p in HTML.rglob('*.html') if '_static' not in p.relative_to(HTML).parts}  # _static holds theme templates
+    for p, parser in pages.items():
+        parser.feed(p.read_text(errors='ignore'))
+    broken = []
+    for p, parser in pages.items():
+        for tag, ref in parser.refs:
+            u = urlsplit(ref)
+            if u.scheme or u.netloc or ref.startswith(('mailto:', 'javascript:', 'data:')):
+                continue
+            target = (p.parent / unquote(u.path)).resolve() if u.path else p
+            if target.is_dir(): target = target / 'index.html'
+            if not target.exists():
+                broken.append(f"{p.relative_to(HTML)}: {ref}")
+            elif u.fragment and target.suffix == '.html' and target in pages and u.fragment not in pages[target].ids:
+                broken.append(f"{p.relative_to(HTML)}: {ref} (no such anchor)")
+    assert not broken, f"{len(broken)} broken internal links, e.g. {broken[:10]}"
+
+
+@pytest.fixture(scope='module')
+def browser(site, tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    assert Path(CHROMIUM).exists() and Path(DRIVER).exists(), "Chromium and ChromeDriver come from `make test` (Debian chromium, chromium-driver)"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+              '--no-first-run', '--disable-sync', '--disable-dev-shm-usage', '--window-size=1280,1600',
+              f'--user-data-dir={tmp_path_factory.mktemp("chromium")}'):
+        opts.add_argument(a)
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(HTML)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver, f'http://127.0.0.1:{srv.server_address[1]}/'
+    driver.quit(); srv.shutdown(); srv.server_close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a): pass
+
+
+def _images_loaded(driver):
+    return driver.execute_script(
+        "return Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0]);")
+
+
+def test_home_page_in_a_real_browser(browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver, base = browser
+    driver.get(base + 'index.html')  # Jupyter Book's index redirects to the root page, intro.html
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith('intro.html') and d.execute_script('return document.readyState') == 'complete')
+    assert 'fmnist' in driver.title
+    table = driver.execute_script("""
+        const t = Array.from(document.querySelectorAll('table')).find(t => t.innerText.includes('test accuracy'));
+        return t ? Array.from(t.querySelectorAll('tbody tr')).map(r => r.innerText) : null;""")
+    assert table, "the results table is missing from the home page"
+    assert any('cnn' in r for r in table) and any('human' in r for r in table)
+    assert any(re.search(r'\d+\.\d+ %', r) for r in table), "the results table shows no measured accuracy"
+    imgs = _images_loaded(driver)
+    assert all(ok for _, ok in imgs), f"images that did not load: {[s for s, ok in imgs if not ok]}"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(SHOTS / 'home.png'))
+
+
+def test_report_page_in_a_real_browser(browser):
+    driver, base = browser
+    driver.get(base + 'reports/01_data_report.html')
+    assert 'Data report' in driver.title
+    imgs = _images_loaded(driver)
+    assert len(imgs) >= 3, "the data report should show its figures"
+    assert all(ok for _, ok in imgs), f"images that did not load: {[s for s, ok in imgs if not ok]}"
+    text = driver.find_element('tag name', 'body').text
+    assert 'Provenance' in text and 'data checksum' in text
+    assert driver.save_screenshot(str(SHOTS / 'data_report.png'))
+    driver.get(base + 'architecture.html')
+    imgs = _images_loaded(driver)
+    assert any('architecture.svg' in s for s, _ in imgs) and all(ok for _, ok in imgs)

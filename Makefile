@@ -11,20 +11,22 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.fmnist-setup
 PROFILE ?= default
 
-# Debian packages: the data (else fmnist downloads it from the official mirror).
+# Debian packages: the data (else fmnist downloads it from the official mirror), and a real browser for the site test.
 DEB_DATA := dataset-fashion-mnist
+DEB_TEST := chromium chromium-driver
 
-.PHONY: help all setup sysdeps data report test test-nb test-py lab clean
+.PHONY: help all setup sysdeps sysdeps-test data pipeline book test test-nb test-py smoke nbval lab clean
 
 help:
-	@echo "make all     set up, fetch and verify the data, run the pipeline (profile $(PROFILE))"
-	@echo "make test    set up and run every test (nbdev notebook tests + pytest)"
+	@echo "make all     set up, fetch and verify the data, run the $(PROFILE) profile, build the site"
+	@echo "make test    set up and run every test: notebooks, pytest, the smoke pipeline, nbval, the site in Chromium"
 	@echo "make lab     open JupyterLab with the project's kernel"
+	@echo "make book    rebuild the site from reports/$(PROFILE)/ (PROFILE=smoke|default|full)"
 	@echo "make setup   only create $(VENV) and install fmnist_lib with its dev dependencies"
-	@echo "make clean   remove generated reports and caches (keeps $(VENV) and data/raw)"
+	@echo "make clean   remove generated reports, site and caches (keeps $(VENV) and data/raw)"
 
-all: setup data report
-	@echo "done: reports in reports/$(PROFILE)/"
+all: setup data pipeline book
+	@echo "done: reports in reports/$(PROFILE)/, site at book/_build/html/index.html"
 
 # --- set-up -------------------------------------------------------------------------------
 $(STAMP): settings.ini setup.py
@@ -50,26 +52,38 @@ endef
 sysdeps:
 	$(call apt_ensure,$(DEB_DATA),fmnist downloads the data from the official mirror instead)
 
-# --- data and pipeline --------------------------------------------------------------------
+sysdeps-test: sysdeps
+	$(call apt_ensure,$(DEB_TEST),the browser test will fail until Chromium and ChromeDriver are installed)
+
+# --- data, pipeline, site -----------------------------------------------------------------
 data: setup sysdeps
 	$(BIN)/fmnist data fetch --quiet
 
-report: data
-	@mkdir -p reports/$(PROFILE)
-	$(BIN)/papermill --log-level WARNING nbs/experiments/01_data_report.ipynb reports/$(PROFILE)/01_data_report.ipynb -p profile $(PROFILE)
-	@echo "data report: reports/$(PROFILE)/01_data_report.ipynb and reports/$(PROFILE)/data_report.json"
+pipeline: data
+	$(BIN)/fmnist run --profile $(PROFILE) --quiet
+
+book: setup
+	$(BIN)/fmnist book --profile $(PROFILE)
 
 # --- tests --------------------------------------------------------------------------------
-test: setup data test-nb test-py
+test: setup sysdeps-test data test-nb smoke test-py nbval
 
 test-nb: setup
 	cd nbs && ../$(BIN)/nbdev_test
 
+smoke: data
+	$(BIN)/fmnist run --profile smoke --quiet
+
 test-py: setup
 	$(BIN)/python -m pytest tests
+
+# nbval re-executes the executed smoke reports (training included: a finished run's checkpoint is
+# never resumed) and compares their outputs with the committed sanitizers.
+nbval: smoke
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval reports/smoke/[0-9]*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
 clean:
-	rm -rf reports/*/ data/processed _proc _docs .pytest_cache
+	rm -rf reports/*/ data/processed book/_build book/reports book/library book/_generated _proc _docs .pytest_cache

@@ -66,7 +66,11 @@ def test_library_matches_notebooks_and_notebooks_are_clean(tmp_path):
     """What nbdev CI checks: `nbdev_export` would not change fmnist_lib/, `nbdev_clean` would not change a notebook.
     Run in a copy, so a developer's uncommitted work is never touched."""
     work = tmp_path / 'copy'
-    shutil.copytree(REPO / 'nbs', work / 'nbs', symlinks=True, ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    def ignore(folder, names):  # checkpoints and anything that is not a plain file, folder or link (sockets)
+        import stat
+        return [n for n in names if n == '.ipynb_checkpoints' or not (stat.S_ISREG((Path(folder) / n).lstat().st_mode)
+                or stat.S_ISDIR((Path(folder) / n).lstat().st_mode) or (Path(folder) / n).is_symlink())]
+    shutil.copytree(REPO / 'nbs', work / 'nbs', symlinks=True, ignore=ignore)
     (work / 'fmnist_lib').mkdir()
     shutil.copy(REPO / 'fmnist_lib' / '__init__.py', work / 'fmnist_lib' / '__init__.py')
     for f in ('settings.ini', 'setup.py', 'README.md'):

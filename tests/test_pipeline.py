@@ -47,7 +47,8 @@ def project_copy(smoke_project, tmp_path, monkeypatch):
 def test_smoke_pipeline_runs_every_stage(smoke_project):
     root, index, lines = smoke_project
     jobs = {j['key']: j for j in index['jobs']}
-    assert list(jobs) == ['data_report', 'train:noskill', 'train:centroid', 'train:logreg', 'train:cnn-s0', 'train:vit-s0', 'ensemble']
+    assert list(jobs) == ['data_report', 'train:noskill', 'train:centroid', 'train:logreg', 'train:cnn-s0', 'train:vit-s0', 'ensemble',
+                          'evaluate', 'fairness', 'explain', 'robustness']
     assert all(j['status'] == 'ok' for j in jobs.values()), {k: j.get('error') for k, j in jobs.items()}
     rep = root / 'reports' / 'smoke'
     for j in jobs.values():
@@ -71,6 +72,7 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_dependents(project_copy)
     index = run('smoke', overrides={'train.cnn-s0.epochs': 2}, echo=lines.append)
     status = {j['key']: j['status'] for j in index['jobs']}
     assert status['train:cnn-s0'] == 'ok' and status['ensemble'] == 'ok'     # changed, and what needs it
+    assert status['evaluate'] == 'ok' and status['robustness'] == 'ok'
     assert status['train:vit-s0'] == 'skipped' and status['data_report'] == 'skipped'
     assert {j['key']: j['params'] for j in index['jobs']}['train:cnn-s0']['epochs'] == 2
 
@@ -98,9 +100,9 @@ def test_failing_stage_names_notebook_and_cell_and_keeps_earlier_reports(project
 def test_failure_blocks_the_stages_that_need_it(project_copy):
     lines = []
     with pytest.raises(PipelineError):
-        run('smoke', stages=['train', 'ensemble'], overrides={'train.vit-s0.dataset': 'no-such-dataset'}, echo=lines.append)
+        run('smoke', stages=['train', 'ensemble', 'evaluate'], overrides={'train.vit-s0.dataset': 'no-such-dataset'}, echo=lines.append)
     status = {j['key']: j['status'] for j in json.loads((project_copy / 'reports' / 'smoke' / 'index.json').read_text())['jobs']}
-    assert status['train:vit-s0'] == 'failed' and status['ensemble'] == 'blocked'
+    assert status['train:vit-s0'] == 'failed' and status['ensemble'] == 'blocked' and status['evaluate'] == 'blocked'
 
 
 # --- bad input, each before anything runs -------------------------------------------------------
@@ -110,7 +112,7 @@ def test_failure_blocks_the_stages_that_need_it(project_copy):
     (dict(profile='smoke', overrides={'epochs': 'five'}), "parameter epochs expects int, found 'five' (str)"),
     (dict(profile='smoke', overrides={'train.cnn-s0.widths': 16}), "stage train run cnn-s0: parameter widths expects list, found 16 (int)"),
     (dict(profile='smoke', overrides={'train.cnn-s9.epochs': 1}), "override for run 'cnn-s9'"),
-    (dict(profile='smoke', stages=['evaluate']), "stage: expected one of data_report, train, ensemble, found 'evaluate'"),
+    (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, found 'evaluat'"),
 ])
 def test_bad_plans_fail_before_running(kw, message, project_copy):
     before = sorted(p.name for p in (project_copy / 'reports' / 'smoke').rglob('*'))

@@ -11,7 +11,7 @@ import torch, torch.nn.functional as F
 from .core import FmnistError
 
 # %% auto #0
-__all__ = ['SEVERITY', 'CORRUPTIONS', 'corrupt', 'corruption_scores', 'prepare_photo']
+__all__ = ['SEVERITY', 'CORRUPTIONS', 'corrupt', 'corrupted_sets', 'corruption_scores', 'prepare_photo']
 
 # %% ../nbs/10_robustness.ipynb #2808c7e6
 SEVERITY = {'noise': [10, 18, 28, 42, 64], 'blur': [0.5, 0.75, 1.0, 1.5, 2.0], 'brightness': [25, 50, 75, 100, 128],
@@ -76,14 +76,21 @@ def corrupt(x:np.ndarray, # uint8 images (n, 28, 28)
     if x.dtype != np.uint8 or x.ndim != 3: raise FmnistError(f"images: expected uint8 (n, h, w), found {x.dtype} {x.shape}")
     return CORRUPTIONS[name](x, SEVERITY[name][severity - 1], np.random.default_rng(seed))
 
-# %% ../nbs/10_robustness.ipynb #60596a95
+# %% ../nbs/10_robustness.ipynb #eb750966
+def corrupted_sets(x:np.ndarray, names:list|None=None, severities:tuple=(1, 2, 3, 4, 5), seed:int=0)->dict:
+    "Every corrupted copy of `x` once, as {(name, severity): images}, so all models are scored on the same images."
+    return {(n, s): corrupt(x, n, s, seed) for n in (names or list(CORRUPTIONS)) for s in severities}
+
 def corruption_scores(model, x:np.ndarray, y:np.ndarray, names:list|None=None, severities:tuple=(1, 2, 3, 4, 5),
-                      compute=None, tta:str='none', seed:int=0)->dict:
+                      compute=None, tta:str='none', seed:int=0, sets:dict|None=None, logits_fn=None)->dict:
     "Accuracy on clean images and per corruption and severity; mean corrupted accuracy (mCA) and mCA / clean accuracy."
     y = np.asarray(y)
-    acc = lambda imgs: float((model.logits(imgs, tta=tta, compute=compute).argmax(1).numpy() == y).mean())
+    sets = sets if sets is not None else corrupted_sets(x, names, severities, seed)
+    logits = logits_fn or (lambda imgs: model.logits(imgs, tta=tta, compute=compute))
+    acc = lambda imgs: float((logits(imgs).argmax(1).numpy() == y).mean())
     clean = acc(x)
-    table = {n: {s: acc(corrupt(x, n, s, seed)) for s in severities} for n in (names or list(CORRUPTIONS))}
+    table = {}
+    for (n, s), imgs in sets.items(): table.setdefault(n, {})[s] = acc(imgs)
     mca = float(np.mean([v for row in table.values() for v in row.values()]))
     return {'clean': clean, 'accuracy': table, 'mca': mca, 'relative': mca / clean if clean else float('nan')}
 

@@ -16,8 +16,8 @@ from .models import BUILDERS, TTA, Model, to_input
 
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'OPTIMIZERS', 'TRACKING_MODES', 'TrainConfig', 'random_crop', 'random_flip', 'random_erase', 'augment',
-           'evaluate', 'wandb_env', 'Tracker', 'make_optimizer', 'split_id', 'resumable', 'train', 'ensemble_weights',
-           'make_ensemble']
+           'scores', 'evaluate', 'save_predictions', 'load_predictions', 'wandb_env', 'Tracker', 'make_optimizer',
+           'split_id', 'resumable', 'train', 'ensemble_weights', 'make_ensemble']
 
 # %% ../nbs/03_train.ipynb #4cd793c7
 MODEL_KINDS = ('noskill', 'centroid', 'logreg', 'cnn', 'classic', 'vit')
@@ -139,13 +139,33 @@ def augment(x:torch.Tensor, cfg:TrainConfig, gen:torch.Generator)->torch.Tensor:
     if cfg.flip: x = random_flip(x, gen)
     return random_erase(x, cfg.erase, gen)
 
-# %% ../nbs/03_train.ipynb #d22a8ef2
+# %% ../nbs/03_train.ipynb #d0c00e02
+def scores(z:torch.Tensor, y)->dict:
+    "Accuracy and mean negative log-likelihood of logits `z` for labels `y`."
+    y = torch.as_tensor(np.asarray(y))
+    if len(y) == 0: return {'acc': float('nan'), 'nll': float('nan')}
+    return {'acc': (z.argmax(1) == y).float().mean().item(), 'nll': F.cross_entropy(z, y).item()}
+
 @torch.no_grad()
 def evaluate(model:Model, x, y, compute=None, tta:str='none', batch_size:int=1024)->dict:
     "Accuracy and mean negative log-likelihood of `model` on uint8 images `x` with labels `y`."
-    z = model.logits(x, batch_size, tta, compute)
-    y = torch.as_tensor(np.asarray(y))
-    return {'acc': (z.argmax(1) == y).float().mean().item(), 'nll': F.cross_entropy(z, y).item()}
+    return scores(model.logits(x, batch_size, tta, compute), y)
+
+def save_predictions(path:Path|str, val_logits, test_logits, tta:str, data:Data):
+    "Write a run's validation and test logits (what its scores were computed from) for later stages to reuse."
+    with atomic_write(path) as f:
+        np.savez(f, val=np.asarray(val_logits, np.float32), test=np.asarray(test_logits, np.float32), tta=tta,
+                 val_idx=np.asarray(data.val_idx if data.val_idx is not None else []), test_idx=np.asarray(data.test_idx if data.test_idx is not None else []),
+                 checksum=data.checksum)
+
+def load_predictions(run_dir:Path|str, data:Data)->dict|None:
+    "A run's saved logits, if they were made on exactly this data split; else None."
+    p = Path(run_dir)/'predictions.npz'
+    if not p.is_file(): return None
+    with np.load(p) as z:
+        same = (str(z['checksum']) == data.checksum and len(z['test']) == len(data.y_test) and len(z['val']) == len(data.y_val)
+                and np.array_equal(z['test_idx'], np.asarray(data.test_idx)) and np.array_equal(z['val_idx'], np.asarray(data.val_idx)))
+        return {'val': torch.from_numpy(z['val']), 'test': torch.from_numpy(z['test']), 'tta': str(z['tta'])} if same else None
 
 # %% ../nbs/03_train.ipynb #edd18b50
 TRACKING_MODES = ('offline', 'online', 'disabled')
@@ -215,7 +235,7 @@ def resumable(cfg:TrainConfig, out_dir:Path|str)->bool:
     except Exception: return False
     return s.get('params') == asdict(cfg) and s.get('epoch', 0) < cfg.epochs
 
-# %% ../nbs/03_train.ipynb #5ad210e1
+# %% ../nbs/03_train.ipynb #34f1e727
 def train(cfg:TrainConfig, # what to train and how
           out_dir:Path|str, # the run folder: checkpoint.pt, metrics.json, params.json, model/
           data:Data|None=None, # loaded data (default: load it as the config says)
@@ -310,8 +330,9 @@ def train(cfg:TrainConfig, # what to train and how
         if best['state'] is not None: net.load_state_dict(best['state'])
     # --- the test set, scored once
     tta = 'none' if getattr(net, 'closed_form', False) else cfg.tta
-    val = evaluate(model, data.x_val, data.y_val, compute, tta) if len(data.y_val) else {'acc': float('nan'), 'nll': float('nan')}
-    test = evaluate(model, data.x_test, data.y_test, compute, tta)
+    zv = model.logits(data.x_val, tta=tta, compute=compute) if len(data.y_val) else torch.zeros(0, len(data.classes))
+    zt = model.logits(data.x_test, tta=tta, compute=compute)
+    val, test = scores(zv, data.y_val), scores(zt, data.y_test)
     to90 = next((h['train_time_s'] for h in history if h['val_acc'] >= 0.90), None)
     metrics = {'model': cfg.model, 'n_params': model.n_params, 'epochs_run': len(history), 'best_epoch': best['epoch'],
                'val_acc': val['acc'], 'val_acc_selection': best['val_acc'], 'test_acc': test['acc'], 'test_nll': test['nll'], 'tta': tta,
@@ -322,6 +343,7 @@ def train(cfg:TrainConfig, # what to train and how
               'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute)}
     model.meta = {k: record[k] for k in ('data_checksum', 'val_split', 'compute')} | {'seed': cfg.seed, 'git_commit': record['git']['commit']}
     model.save(out/'model')
+    save_predictions(out/'predictions.npz', zv, zt, tta, data)
     write_json(out/'params.json', record)
     write_json(out/'metrics.json', metrics)
     tracker.summary({k: v for k, v in metrics.items() if k != 'history'})

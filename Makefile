@@ -11,9 +11,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.fmnist-setup
 PROFILE ?= default
 
-# Debian packages: the data (else fmnist downloads it from the official mirror), and a real browser for the site test.
+# Debian packages: the data (else fmnist downloads it from the official mirror), a real browser for the site
+# test, and iproute2 (`ip`) for the Ray tests, which run in their own loopback-only network namespace.
 DEB_DATA := dataset-fashion-mnist
-DEB_TEST := chromium chromium-driver
+DEB_TEST := chromium chromium-driver iproute2
 
 .PHONY: help all setup sysdeps sysdeps-test data pipeline book test test-nb test-py smoke nbval lab clean
 
@@ -53,7 +54,7 @@ sysdeps:
 	$(call apt_ensure,$(DEB_DATA),fmnist downloads the data from the official mirror instead)
 
 sysdeps-test: sysdeps
-	$(call apt_ensure,$(DEB_TEST),the browser test will fail until Chromium and ChromeDriver are installed)
+	$(call apt_ensure,$(DEB_TEST),the browser and Ray tests will fail until they are installed)
 
 # --- data, pipeline, site -----------------------------------------------------------------
 data: setup sysdeps

@@ -205,7 +205,7 @@ def render_library(dest:Path, root=None, echo=print)->list:
         done.append(target)
     return done
 
-# %% ../nbs/05_book.ipynb #f2f7f0fb
+# %% ../nbs/05_book.ipynb #a63a7e68
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the profile's executed reports into the book, titling run reports with their run name."
     import nbformat
@@ -224,6 +224,37 @@ def _copy_reports(profile:str, dest:Path, root=None)->list:
         nbformat.write(nb, dest/p.name); out.append(dest/p.name)
     return out
 
+def _sweep_pages(dest:Path, root=None)->list:
+    "Copy every sweep's executed summary notebook and write a page per hyperparameter search."
+    import nbformat
+    paths = project_paths(root)
+    if dest.exists(): shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    out = []
+    for nb in sorted((paths.reports/'sweeps').glob('*/summary.ipynb')):
+        shutil.copy(nb, dest/f"sweep-{nb.parent.name}.ipynb"); out.append(dest/f"sweep-{nb.parent.name}.ipynb")
+    for sj in sorted((paths.reports/'tune').glob('*/summary.json')):
+        s = _read(sj)
+        if not s: continue
+        keys = list(s['best_params'])
+        rows = sorted(s['trials'], key=lambda r: -(r['val_acc'] or 0))
+        lines = [f"# Search: {s['name']}", '',
+                 f"Ray Tune with Optuna's TPE and ASHA over {', '.join(f'`{k}`' for k in keys)}, starting from profile "
+                 f"`{s['spec'].get('profile')}` run `{s['spec'].get('run')}`: {len(rows)} trials in {s['wall_s']:.0f} s. "
+                 "Trials ASHA stopped early show the epochs they reached. Selection uses validation accuracy only.", '',
+                 '| ' + ' | '.join(keys) + ' | validation accuracy | epochs | completed |', '|' + '---|' * (len(keys) + 3)]
+        for r in rows:
+            lines.append('| ' + ' | '.join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys) +
+                         f" | {_fmt(r['val_acc'], True)} | {r.get('epochs')} | {'yes' if r['completed'] else 'stopped'} |")
+        lines += ['', f"Best: {', '.join(f'`{k}={v:.4g}`' if isinstance(v, float) else f'`{k}={v}`' for k, v in s['best_params'].items())}, "
+                  f"validation accuracy {_fmt(s['best']['val_acc'], True)}. Written to `reports/tune/{s['name']}/best.yaml`, "
+                  f"usable as `fmnist run --profile {s['spec'].get('profile')} -f reports/tune/{s['name']}/best.yaml`.", '']
+        (dest/f"tune-{s['name']}.md").write_text('\n'.join(lines)); out.append(dest/f"tune-{s['name']}.md")
+    if not out:
+        (dest/'none.md').write_text("# No sweeps yet\n\nRun `fmnist sweep nbs/experiments/sweeps/smoke-cnn.yaml` or "
+                                    "`fmnist tune nbs/experiments/sweeps/tune-smoke.yaml`, then rebuild the site.\n")
+    return out
+
 def build(profile:str='default', # whose reports to publish
           strict:bool=True, # jupyter-book -W: any warning fails the build
           root=None, echo=print)->Path:
@@ -237,6 +268,7 @@ def build(profile:str='default', # whose reports to publish
         echo(f"  note     no executed reports in reports/{profile}/: run `fmnist run --profile {profile}` first")
         (book/'reports').mkdir(exist_ok=True)
         (book/'reports'/'none.md').write_text(f"# No reports yet\n\nRun `fmnist run --profile {profile}`, then `fmnist book --profile {profile}`.\n")
+    _sweep_pages(book/'sweeps', root)
     render_library(book/'library', root, echo)
     gen = book/'_generated'; gen.mkdir(exist_ok=True)
     for name, f in (('results', results_md), ('kpis', kpis_md), ('data_card', data_card_md), ('model_card', model_card_md)):

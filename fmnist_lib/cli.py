@@ -9,7 +9,8 @@ from pathlib import Path
 from .core import FmnistError, project_paths
 
 # %% auto #0
-__all__ = ['cmd_data_fetch', 'cmd_data_verify', 'cmd_data_info', 'cmd_run', 'cmd_book', 'cmd_bench', 'build_parser', 'main']
+__all__ = ['cmd_data_fetch', 'cmd_data_verify', 'cmd_data_info', 'cmd_run', 'cmd_book', 'cmd_bench', 'cmd_sweep', 'cmd_tune',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #29c2e932
 def _data_args(p:argparse.ArgumentParser):
@@ -95,7 +96,20 @@ def cmd_bench(a)->int:
     benchmark(a.profile, seeds=a.seeds, classic_epochs=a.classic_epochs)
     return 0
 
-# %% ../nbs/90_cli.ipynb #8c9d45d8
+# %% ../nbs/90_cli.ipynb #0f88bfa8
+def cmd_sweep(a)->int:
+    "Run a parameter sweep of a stage notebook, each point a papermill execution as a Ray task."
+    from fmnist_lib.sweep import run_sweep
+    s = run_sweep(a.spec, address=a.address, max_parallel=a.max_parallel, num_cpus=a.num_cpus)
+    return 0 if all(p['status'] == 'ok' for p in s['points']) else 1
+
+def cmd_tune(a)->int:
+    "Search training hyperparameters with Ray Tune (Optuna TPE, ASHA); write the best configuration."
+    from fmnist_lib.tune import run_tune
+    run_tune(a.spec, address=a.address, num_cpus=a.num_cpus)
+    return 0
+
+# %% ../nbs/90_cli.ipynb #0e1cdc3f
 def build_parser()->argparse.ArgumentParser:
     "The `fmnist` argument parser with all its subcommands."
     from fmnist_lib import __version__
@@ -135,6 +149,17 @@ def build_parser()->argparse.ArgumentParser:
     be.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help="seeds for the CNN and ViT (default: 0 1 2)")
     be.add_argument('--classic-epochs', type=int, default=6, help="epochs of the plain reference loop (default: 6)")
     be.set_defaults(func=cmd_bench)
+    sw = sub.add_parser('sweep', help=cmd_sweep.__doc__, description=cmd_sweep.__doc__ + " Completed points are skipped; exit 1 if any point failed.")
+    sw.add_argument('spec', type=Path, help="sweep spec (YAML), e.g. nbs/experiments/sweeps/smoke-cnn.yaml")
+    sw.add_argument('--address', default=None, help="host:port of a running Ray cluster (else $RAY_ADDRESS, else an embedded Ray)")
+    sw.add_argument('--max-parallel', type=int, default=None, metavar='N', help="points running at once (default: as resources allow)")
+    sw.add_argument('--num-cpus', type=int, default=None, metavar='N', help="CPUs of an embedded Ray (default: all)")
+    sw.set_defaults(func=cmd_sweep)
+    tu = sub.add_parser('tune', help=cmd_tune.__doc__, description=cmd_tune.__doc__)
+    tu.add_argument('spec', type=Path, help="tune spec (YAML), e.g. nbs/experiments/sweeps/tune-smoke.yaml")
+    tu.add_argument('--address', default=None, help="host:port of a running Ray cluster (else $RAY_ADDRESS, else an embedded Ray)")
+    tu.add_argument('--num-cpus', type=int, default=None, metavar='N', help="CPUs of an embedded Ray (default: all)")
+    tu.set_defaults(func=cmd_tune)
     return p
 
 # %% ../nbs/90_cli.ipynb #b93c0f6e

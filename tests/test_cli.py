@@ -10,7 +10,8 @@ def run(*args):
     return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize('args', [[], ['data'], ['data', 'fetch'], ['data', 'verify'], ['data', 'info']])
+@pytest.mark.parametrize('args', [[], ['data'], ['data', 'fetch'], ['data', 'verify'], ['data', 'info'], ['run'], ['book'],
+                                  ['bench'], ['sweep'], ['tune']])
 def test_help_everywhere(args):
     r = run(*args, '--help')
     assert r.returncode == 0, r.stderr

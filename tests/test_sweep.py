@@ -1,0 +1,153 @@
+"""Sweeps and search on Ray. Every Ray-using test runs in a fresh network namespace (`unshare -n`), where Ray
+talks over 127.0.0.1 only; Ray keeps its files in a short temp folder and sends no usage statistics."""
+import csv, json, os, shlex, shutil, socket, subprocess, sys, textwrap
+from pathlib import Path
+import pytest
+from fmnist_lib.sweep import SweepError, _check_address, load_spec, points
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('unshare'), reason='network namespaces need root and unshare')
+
+
+def make_project(dest: Path) -> Path:
+    from test_pipeline import make_project as mp
+    return mp(dest)
+
+
+def in_netns(script: str, root: Path, timeout=600) -> subprocess.CompletedProcess:
+    "Run a bash script in a new network namespace with only loopback up, the venv on PATH, FMNIST_ROOT set."
+    env = os.environ | {'FMNIST_ROOT': str(root), 'PATH': f"{BIN}:{os.environ['PATH']}", 'RAY_USAGE_STATS_ENABLED': '0',
+                        'RAY_AUTH_MODE': 'disabled', 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fmr-{root.parent.name[-12:]}')}
+    env.pop('RAY_ADDRESS', None)
+    return subprocess.run(['unshare', '-n', 'bash', '-c', 'set -e; ip link set lo up; ' + script], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=root)
+
+
+@pytest.fixture
+def project(tmp_path, official_dir, monkeypatch):
+    from fmnist_lib.data import fetch
+    fetch(progress=False)
+    root = make_project(tmp_path / 'p')
+    monkeypatch.setenv('FMNIST_ROOT', str(root))
+    return root
+
+
+def summary_rows(root: Path, name: str) -> list:
+    with open(root / 'reports' / 'sweeps' / name / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@needs_root
+def test_smoke_sweep_runs_each_point_as_a_ray_task_and_skips_completed_ones(project):
+    spec = project / 'nbs' / 'experiments' / 'sweeps' / 'smoke-cnn.yaml'
+    r = in_netns(f'fmnist sweep {spec} --max-parallel 2', project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = summary_rows(project, 'smoke-cnn')
+    assert [row['point'] for row in rows] == ['lr-0.2_epochs-2', 'lr-0.2_epochs-4', 'lr-0.4_epochs-2', 'lr-0.4_epochs-4']
+    assert all(row['status'] == 'ok' and float(row['val_acc']) > 0.3 for row in rows)
+    out = project / 'reports' / 'sweeps' / 'smoke-cnn'
+    assert all((out / f"{row['point']}.ipynb").is_file() for row in rows)
+    assert (out / 'summary.ipynb').is_file() and (out / 'summary.json').is_file()
+    assert {row['node_ip'] for row in rows} == {'127.0.0.1'}
+    r = in_netns(f'fmnist sweep {spec}', project)
+    assert r.returncode == 0 and '4 already complete, 0 to run' in r.stdout
+
+
+@needs_root
+def test_a_failing_point_is_recorded_and_the_others_complete(project):
+    spec = project / 'fail.yaml'
+    spec.write_text(textwrap.dedent('''
+        name: with-a-bad-point
+        stage: train
+        profile: smoke
+        run: cnn-s0
+        grid: {optimizer: [sgd, lion]}
+        fixed: {epochs: 1, threads: 1, tracking: disabled}
+        resources: {num_cpus: 1}
+    '''))
+    r = in_netns(f'fmnist sweep {spec}', project)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row['point']: row for row in summary_rows(project, 'with-a-bad-point')}
+    assert rows['optimizer-sgd']['status'] == 'ok'
+    assert rows['optimizer-lion']['status'] == 'failed'
+    assert "optimizer: expected one of sgd, adamw, found 'lion'" in rows['optimizer-lion']['error']
+    assert (project / 'reports' / 'sweeps' / 'with-a-bad-point' / 'failed' / 'optimizer-lion.ipynb').is_file()
+
+
+@needs_root
+def test_sweep_on_a_two_node_cluster_by_address(project):
+    "A Ray head and a second node on 127.0.0.1, a sweep through --address, points on both nodes, then both stopped."
+    spec = project / 'nbs' / 'experiments' / 'sweeps' / 'smoke-cnn.yaml'
+    tmp = Path('/tmp') / f'fmc-{project.parent.name[-10:]}'
+    script = f'''
+        export RAY_TMPDIR={tmp}
+        trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+        ray start --head --node-ip-address=127.0.0.1 --port=6399 --num-cpus=1 --include-dashboard=false --temp-dir={tmp} --disable-usage-stats >/dev/null
+        ray start --address=127.0.0.1:6399 --node-ip-address=127.0.0.1 --num-cpus=1 --disable-usage-stats >/dev/null
+        python -c "import ray; ray.init(address='127.0.0.1:6399', log_to_driver=False); print('NODES', sum(n['Alive'] for n in ray.nodes()))"
+        fmnist sweep {spec} --address 127.0.0.1:6399
+    '''
+    r = in_netns(script, project, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'NODES 2' in r.stdout
+    s = json.loads((project / 'reports' / 'sweeps' / 'smoke-cnn' / 'summary.json').read_text())
+    assert all(p['status'] == 'ok' for p in s['points'])
+    assert len({p['node_id'] for p in s['points']}) == 2, "the points should have run on both nodes"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@needs_root
+def test_tune_smoke_writes_the_best_configuration(project):
+    spec = project / 'nbs' / 'experiments' / 'sweeps' / 'tune-smoke.yaml'
+    r = in_netns(f'fmnist tune {spec}', project, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = project / 'reports' / 'tune' / 'tune-smoke'
+    s = json.loads((out / 'summary.json').read_text())
+    assert len(s['trials']) == 6 and s['best']['completed']
+    import yaml
+    best = yaml.safe_load((out / 'best.yaml').read_text())
+    assert set(s['best_params']) == {'lr', 'weight_decay', 'label_smoothing'}
+    assert best['train']['runs']['cnn-s0']['lr'] == pytest.approx(s['best_params']['lr'])
+    from fmnist_lib.pipeline import plan
+    jobs = plan('smoke', ['train'], overrides=best)   # best.yaml is a valid -f overlay
+    assert next(j for j in jobs if j.run == 'cnn-s0').params['lr'] == pytest.approx(s['best_params']['lr'])
+
+
+# --- bad input, no Ray needed ----------------------------------------------------------------
+@pytest.mark.parametrize('text, message', [
+    ('name: x\nstage: train\nprofile: smoke\ngrid: {lr: [0.1\n', 'expected valid YAML'),
+    ('- a list\n', 'expected a mapping, found list'),
+    ('name: x\nstage: train\nprofile: smoke\ngrid: {lr: []}\n', 'grid.lr: expected a non-empty list of values, found []'),
+    ('name: x\nstage: train\nprofile: smoke\n', 'expected a non-empty grid or random section, found neither'),
+    ('name: x\nstage: train\nprofile: smoke\ngird: {lr: [1]}\n', "unknown keys ['gird']"),
+    ('name: x\nstage: train\nprofile: smoke\nrandom: {n: 2, params: {lr: {gauss: [0, 1]}}}\n', 'random.params.lr: expected one of choice'),
+])
+def test_malformed_specs(text, message, tmp_path):
+    f = tmp_path / 's.yaml'
+    f.write_text(text)
+    with pytest.raises(SweepError, match=message.replace('[', r'\[').replace(']', r'\]').replace('(', r'\(')):
+        load_spec(f)
+
+
+def test_a_parameter_the_notebook_does_not_declare(tmp_path):
+    f = tmp_path / 's.yaml'
+    f.write_text('name: x\nstage: train\nprofile: smoke\nrun: cnn-s0\ngrid: {learning_rate: [0.1, 0.2]}\n')
+    with pytest.raises(SweepError, match="parameter 'learning_rate' is not declared by 02_train.ipynb"):
+        points(load_spec(f))
+
+
+def test_a_value_of_the_wrong_type(tmp_path):
+    f = tmp_path / 's.yaml'
+    f.write_text('name: x\nstage: train\nprofile: smoke\nrun: cnn-s0\ngrid: {epochs: [1, two]}\n')
+    with pytest.raises(Exception, match="parameter epochs expects int, found 'two'"):
+        points(load_spec(f))
+
+
+def test_an_unreachable_cluster_address_fails_fast():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    with pytest.raises(SweepError, match=f'Ray address 127.0.0.1:{port}: expected a running Ray cluster there, found none'):
+        _check_address(f'127.0.0.1:{port}', timeout=2)
+    with pytest.raises(SweepError, match="expected host:port, found 'nowhere'"):
+        _check_address('nowhere')

@@ -205,7 +205,7 @@ def render_library(dest:Path, root=None, echo=print)->list:
         done.append(target)
     return done
 
-# %% ../nbs/05_book.ipynb #a63a7e68
+# %% ../nbs/05_book.ipynb #0170d386
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the profile's executed reports into the book, titling run reports with their run name."
     import nbformat
@@ -249,6 +249,10 @@ def _sweep_pages(dest:Path, root=None)->list:
         lines += ['', f"Best: {', '.join(f'`{k}={v:.4g}`' if isinstance(v, float) else f'`{k}={v}`' for k, v in s['best_params'].items())}, "
                   f"validation accuracy {_fmt(s['best']['val_acc'], True)}. Written to `reports/tune/{s['name']}/best.yaml`, "
                   f"usable as `fmnist run --profile {s['spec'].get('profile')} -f reports/tune/{s['name']}/best.yaml`.", '']
+        own = _read(paths.reports/str(s['spec'].get('profile'))/'runs'/str(s['spec'].get('run'))/'metrics.json')
+        if own and own.get('val_acc_selection') is not None:  # the starting point, measured the same way (one view of each validation image)
+            lines += [f"The profile's own `{s['spec'].get('run')}` run scored {_fmt(own['val_acc_selection'], True)} on the same validation "
+                      f"images: a difference of {100 * (s['best']['val_acc'] - own['val_acc_selection']):+.2f} points.", '']
         (dest/f"tune-{s['name']}.md").write_text('\n'.join(lines)); out.append(dest/f"tune-{s['name']}.md")
     if not out:
         (dest/'none.md').write_text("# No sweeps yet\n\nRun `fmnist sweep nbs/experiments/sweeps/smoke-cnn.yaml` or "

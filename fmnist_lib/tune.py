@@ -47,7 +47,7 @@ def base_config(spec:dict)->dict:
     if run not in runs: raise SweepError(f"tune: run: expected one of profile {spec.get('profile')}'s runs {list(runs)}, found {run!r}")
     return runs[run] | dict(spec.get('fixed') or {})
 
-# %% ../nbs/12_tune.ipynb #f689e383
+# %% ../nbs/12_tune.ipynb #265a29ef
 def _space(spec:dict)->dict:
     from ray import tune
     out = {}
@@ -63,12 +63,15 @@ def _trainable(config:dict):
     os.environ['FMNIST_ROOT'] = root
     cfg = TrainConfig.from_dict(base | config)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    def report(epoch, rec): tune.report({'val_acc': rec['val_acc'], 'epoch': epoch, 'train_time_s': rec['train_time_s']})
+    def report(epoch, rec):  # the last epoch is reported below, once the run has finished
+        if epoch < cfg.epochs: tune.report({'val_acc': rec['val_acc'], 'epoch': epoch, 'train_time_s': rec['train_time_s']})
     r = train(cfg, trial_dir/'run', tracking=tracking, run_name=f"tune/{trial_dir.name}", progress=False, on_epoch_end=report)
-    tune.report({'val_acc': r['val_acc_selection'], 'final_val_acc_tta': r['val_acc'], 'test_acc': r['test_acc'],
-                 'epoch': r['epochs_run'], 'train_time_s': r['train_time_s'], 'done': True})
+    # `finished`, not `done`: Ray sets its own `done` on every trial that ends, ASHA-stopped ones included.
+    # No test accuracy here: the search sees the validation split only.
+    tune.report({'val_acc': r['val_acc_selection'], 'final_val_acc_tta': r['val_acc'],
+                 'epoch': r['epochs_run'], 'train_time_s': r['train_time_s'], 'finished': True})
 
-# %% ../nbs/12_tune.ipynb #883582e2
+# %% ../nbs/12_tune.ipynb #d1af46c4
 def run_tune(spec_path:Path|str, address:str|None=None, num_cpus:int|None=None, root=None, echo=print)->dict:
     "Search the spec's space with Optuna TPE and ASHA on Ray Tune; write results and best.yaml; return the summary."
     from ray import tune
@@ -98,19 +101,21 @@ def run_tune(spec_path:Path|str, address:str|None=None, num_cpus:int|None=None, 
         c = {k: v for k, v in (r.config or {}).items() if not k.startswith('_')}
         m = r.metrics or {}
         rows.append({**c, 'val_acc': m.get('val_acc'), 'epochs': m.get('epoch'), 'train_time_s': m.get('train_time_s'),
-                     'completed': bool(m.get('done')), 'error': str(r.error).splitlines()[0] if r.error else None})
+                     'completed': bool(m.get('finished')), 'error': str(r.error).splitlines()[0] if r.error else None})
     done = [r for r in rows if r['completed'] and r['val_acc'] is not None]
     if not done: raise FmnistError(f"tune {spec['name']}: no trial completed within the budget; see {out/'ray'}")
     best = max(done, key=lambda r: r['val_acc'])
     best_params = {k: best[k] for k in spec['space']}
     overlay = {'train': {'runs': {spec.get('run', 'cnn-s0'): base | best_params}}}
     with atomic_write(out/'best.yaml', 'w') as f:
+        rel = out.relative_to(project_paths(root).root) if out.is_relative_to(project_paths(root).root) else out
         f.write(f"# best of {len(rows)} trials of tune spec {spec['name']} (validation accuracy {best['val_acc']:.4f});\n"
-                f"# use it with: fmnist run --profile {spec.get('profile', 'default')} -f {out/'best.yaml'}\n")
+                f"# use it with: fmnist run --profile {spec.get('profile', 'default')} -f {rel/'best.yaml'}\n")
         yaml.safe_dump(overlay, f, sort_keys=False)
     summary = {'name': spec['name'], 'spec': spec, 'base': base, 'trials': rows, 'best': best, 'best_params': best_params,
                'wall_s': round(time.perf_counter() - t0, 1), 'finished_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
     write_json(out/'summary.json', summary)
-    echo(f"tune {spec['name']}: {len(rows)} trials ({len(done)} completed, the rest stopped early by ASHA) in {summary['wall_s']:.0f} s; "
+    echo(f"tune {spec['name']}: {len(rows)} trials ({len(done)} ran all {epochs} epochs, {len(rows) - len(done)} stopped early by ASHA "
+         f"or the time budget) in {summary['wall_s']:.0f} s; "
          f"best validation accuracy {best['val_acc']:.4f} with {best_params}; wrote {out/'best.yaml'}")
     return summary

@@ -105,6 +105,10 @@ def test_tune_smoke_writes_the_best_configuration(project):
     out = project / 'reports' / 'tune' / 'tune-smoke'
     s = json.loads((out / 'summary.json').read_text())
     assert len(s['trials']) == 6 and s['best']['completed']
+    # completed means the trial ran its 4 epochs; ASHA stopped the others earlier (Ray's own `done` would mark them all)
+    assert all(t['epochs'] == 4 for t in s['trials'] if t['completed'])
+    assert any(not t['completed'] and t['epochs'] < 4 for t in s['trials']), 'ASHA (grace 1, factor 2) should stop some trial early'
+    assert all('test_acc' not in t for t in s['trials']), 'the search must not see the test set'
     import yaml
     best = yaml.safe_load((out / 'best.yaml').read_text())
     assert set(s['best_params']) == {'lr', 'weight_decay', 'label_smoothing'}

@@ -87,4 +87,4 @@ lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
 clean:
-	rm -rf reports/*/ data/processed book/_build book/reports book/library book/_generated _proc _docs .pytest_cache
+	rm -rf reports/*/ data/processed book/_build book/reports book/library book/_generated book/sweeps _proc _docs .pytest_cache .ray

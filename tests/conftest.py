@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated project root per test, the real Fashion-MNIST files, a loopback HTTP server."""
-import functools, http.server, os, shutil, threading
+import functools, http.server, shutil, threading
 from pathlib import Path
 import pytest
 

@@ -1,5 +1,5 @@
 """The data path end to end: fetch, verify, cache, validate, and every kind of bad input."""
-import dataclasses, gzip, hashlib, shutil, socket, struct, subprocess, sys
+import dataclasses, gzip, hashlib, socket, struct, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest

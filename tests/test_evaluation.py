@@ -1,19 +1,17 @@
 """Evaluation in depth on a smoke-trained CNN: attributions beat random, corruptions hurt with severity, photos are prepared."""
-import io
-from pathlib import Path
 import numpy as np
 import pytest
 from fmnist_lib.core import FmnistError
 from fmnist_lib.data import load
 from fmnist_lib.train import TrainConfig, train
-from fmnist_lib import evaluate as ev, explain as ex, robustness as rb
+from fmnist_lib import stats as ev, explain as ex, robustness as rb
 
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
     data = load(val_size=500, train_size=2000, test_size=1000)
     cfg = TrainConfig(model='cnn', widths=[16, 32], convs=[1, 1], epochs=4, batch_size=64, lr=0.4, val_size=500, train_size=2000, test_size=1000)
-    return data, train(cfg, tmp_path_factory.mktemp('cnn'), data=data, progress=False)['model']
+    return data, train(cfg, tmp_path_factory.mktemp('cnn'), data=data, progress=False).model
 
 
 def test_integrated_gradients_beats_random_on_deletion(smoke):

@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 import papermill as pm
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / 'nbs' / 'experiments'

@@ -84,17 +84,40 @@ def test_force_reruns(project_copy):
 
 def test_failing_stage_names_notebook_and_cell_and_keeps_earlier_reports(project_copy):
     rep = project_copy / 'reports' / 'smoke'
+    (rep / 'runs' / 'vit-s0' / 'model' / 'model.safetensors').unlink()   # a member damaged after it was trained
     before = {p.name: p.read_bytes() for p in rep.glob('*.ipynb')}
     lines = []
     with pytest.raises(PipelineError, match='stage.*ensemble failed'):
-        run('smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}, echo=lines.append)
+        run('smoke', stages=['ensemble'], force=True, echo=lines.append)
     msg = '\n'.join(lines)
     assert 'nbs/experiments/03_ensemble.ipynb, cell' in msg
-    assert "FmnistError: member no-such-run: expected a trained run" in msg
+    assert "FmnistError: run vit-s0: expected a finished run" in msg and 'model/model.safetensors' in msg
     assert (rep / 'failed' / '03_ensemble.ipynb').is_file()
     assert {p.name: p.read_bytes() for p in rep.glob('*.ipynb')} == before   # every earlier report intact
     index = json.loads((rep / 'index.json').read_text())
     assert {j['key']: j['status'] for j in index['jobs']}['ensemble'] == 'failed'
+
+
+def test_a_run_dropped_from_the_profile_is_gone_from_every_result(project_copy):
+    "Stages get their runs from the plan, never from what lies on disk: a removed run disappears everywhere downstream."
+    import yaml
+    from fmnist_lib.book import model_card_md, results_md
+    from fmnist_lib.evaluate import EvaluateResult
+    from fmnist_lib.robustness import RobustnessResult
+    rep = project_copy / 'reports' / 'smoke'
+    assert 'logreg' in EvaluateResult.from_json(rep / 'evaluation.json').runs and '| logreg |' in results_md('smoke')
+    pf = project_copy / 'nbs' / 'experiments' / 'profiles.yaml'
+    cfg = yaml.safe_load(pf.read_text())
+    del cfg['profiles']['smoke']['stages']['train']['runs']['logreg']
+    pf.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    index = run('smoke', echo=lambda s: None)
+    assert (rep / 'runs' / 'logreg' / 'metrics.json').is_file(), "the old run folder is still on disk"
+    status = {j['key']: j['status'] for j in index['jobs']}
+    assert 'train:logreg' not in status and status['evaluate'] == 'ok' and status['robustness'] == 'ok'
+    assert 'logreg' not in EvaluateResult.from_json(rep / 'evaluation.json').runs
+    assert 'logreg' not in RobustnessResult.from_json(rep / 'robustness.json').scores
+    assert '| logreg |' not in results_md('smoke') and '`logreg`' not in model_card_md('smoke')
+    assert '| cnn | cnn-s0 |' in results_md('smoke')
 
 
 def test_failure_blocks_the_stages_that_need_it(project_copy):
@@ -113,6 +136,9 @@ def test_failure_blocks_the_stages_that_need_it(project_copy):
     (dict(profile='smoke', overrides={'train.cnn-s0.widths': 16}), "stage train run cnn-s0: parameter widths expects list, found 16 (int)"),
     (dict(profile='smoke', overrides={'train.cnn-s9.epochs': 1}), "override for run 'cnn-s9'"),
     (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, found 'evaluat'"),
+    (dict(profile='smoke', overrides={'train.cnn-s0.epochs': -1}), "stage train:cnn-s0: epochs: expected a positive integer, found -1"),
+    (dict(profile='smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}), "stage ensemble: members names ['no-such-run'], which are not runs"),
+    (dict(profile='smoke', overrides={'fairness.model_run': 'cnn-s9'}), "stage fairness: model_run names ['cnn-s9']"),
 ])
 def test_bad_plans_fail_before_running(kw, message, project_copy):
     before = sorted(p.name for p in (project_copy / 'reports' / 'smoke').rglob('*'))

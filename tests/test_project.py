@@ -85,3 +85,90 @@ def test_library_matches_notebooks_and_notebooks_are_clean(tmp_path):
     assert not stale, f"fmnist_lib/{stale} differ from what the notebooks export: edit the notebook, run nbdev_export, commit both"
     unclean = [str(p.relative_to(REPO)) for p in NBS if p.read_bytes() != (work / p.relative_to(REPO)).read_bytes()]
     assert not unclean, f"{unclean} change under nbdev_clean: run nbdev_clean and commit"
+
+
+def test_train_notebook_parameters_are_trainconfig_defaults():
+    "One set of training defaults: the train stage's parameters cell declares every TrainConfig field with its default."
+    import dataclasses, ast
+    import papermill as pm
+    from fmnist_lib.train import TrainConfig
+    declared = pm.inspect_notebook(str(REPO / 'nbs' / 'experiments' / '02_train.ipynb'))
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    missing = sorted(set(defaults) - set(declared))
+    assert not missing, f"02_train.ipynb does not declare {missing}"
+    differ = {k: (ast.literal_eval(declared[k]['default']), v) for k, v in defaults.items() if ast.literal_eval(declared[k]['default']) != v}
+    assert not differ, f"02_train.ipynb's defaults differ from TrainConfig's (notebook, TrainConfig): {differ}"
+
+
+@pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_notebooks_define_nothing(nb):
+    "Experiment notebooks call the library; functions and classes live in nbs/NN_*.ipynb where nbdev_test runs them."
+    import ast
+    for i, c in enumerate(json.loads(nb.read_text())['cells']):
+        if c['cell_type'] != 'code': continue
+        tree = ast.parse(''.join(c['source']))
+        defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        assert not defs, f"{nb.name} cell {i} defines {defs}: move them into the library"
+
+
+def _module_order() -> dict:
+    "{module: the number of the notebook that exports it}."
+    out = {}
+    for nb in (REPO / 'nbs').glob('[0-9]*.ipynb'):
+        src = ''.join(json.loads(nb.read_text())['cells'][0]['source'])
+        if src.startswith('#| default_exp '):
+            num = nb.name.split('_')[0]
+            out[src.split()[-1]] = (int(num.rstrip('abcdefghijklmnopqrstuvwxyz')), num)
+    return out
+
+
+def test_imports_follow_the_notebook_order_and_stay_public():
+    "No module imports a later-numbered module or another module's private names (the nbdev habit)."
+    import ast
+    order, bad = _module_order(), []
+    for mod, (num, label) in order.items():
+        tree = ast.parse((REPO / 'fmnist_lib' / f'{mod}.py').read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module:
+                other = n.module.split('.')[0]
+                if other in order and order[other][1] > label and other != mod:
+                    bad.append(f"{mod} ({label}) imports {other} ({order[other][1]})")
+                bad += [f"{mod} imports private {other}.{a.name}" for a in n.names if a.name.startswith('_')]
+            elif isinstance(n, ast.ImportFrom) and (n.module or '').startswith('fmnist_lib.') and mod != 'cli':
+                # cli imports each subcommand's module when it runs, so `fmnist --help` never imports torch
+                bad.append(f"{mod}: absolute import of {n.module} inside a function (late or circular import)")
+    assert not bad, bad
+
+
+def _public_functions():
+    "(qualified name, function) for every public function and method the library exports."
+    import importlib, inspect, pkgutil
+    import fmnist_lib
+    for m in pkgutil.iter_modules(fmnist_lib.__path__):
+        if m.name.startswith('_'): continue
+        mod = importlib.import_module(f'fmnist_lib.{m.name}')
+        for name in getattr(mod, '__all__', []):
+            obj = getattr(mod, name)
+            if inspect.isfunction(obj) and obj.__module__ == mod.__name__: yield f"{m.name}.{name}", obj
+            elif inspect.isclass(obj) and obj.__module__ == mod.__name__:
+                for k, v in vars(obj).items():
+                    f = v.__func__ if isinstance(v, (classmethod, staticmethod)) else v
+                    if inspect.isfunction(f) and not k.startswith('_'): yield f"{m.name}.{name}.{k}", f
+
+
+def test_public_functions_document_parameters_and_returns():
+    "The fastcore habit: docments on every public function with two or more parameters, the return value included."
+    import inspect
+    from fastcore.docments import docments
+    lacking, n = [], 0
+    for name, f in _public_functions():
+        sig = inspect.signature(f)
+        ps = [p for p in sig.parameters.values() if p.name not in ('self', 'cls') and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if len(ps) < 2: continue
+        n += 1
+        d = docments(f, full=True)
+        miss = [p.name for p in ps if not d[p.name]['docment']]
+        if sig.return_annotation is not inspect.Signature.empty and not d['return']['docment']: miss.append('return')
+        if miss: lacking.append(f"{name}: {miss}")
+    assert n > 80, f"only {n} public multi-parameter functions found: the scan is broken"
+    assert not lacking, f"{len(lacking)} functions lack docments: {lacking}"

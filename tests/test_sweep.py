@@ -1,6 +1,6 @@
 """Sweeps and search on Ray. Every Ray-using test runs in a fresh network namespace (`unshare -n`), where Ray
 talks over 127.0.0.1 only; Ray keeps its files in a short temp folder and sends no usage statistics."""
-import csv, json, os, shlex, shutil, socket, subprocess, sys, textwrap
+import csv, json, os, shutil, socket, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 from fmnist_lib.sweep import SweepError, _check_address, load_spec, points

@@ -1,5 +1,5 @@
 """Models and training: shapes, capacity, determinism, resume, save/load, tracking, bad parameters."""
-import json, os
+import json
 from pathlib import Path
 import numpy as np
 import pytest
@@ -63,17 +63,17 @@ def test_each_model_fits_a_tiny_batch(kind, smoke_data):
 def test_smoke_cnn_beats_no_skill_by_far(smoke_data, tmp_path):
     cnn = train(smoke_cfg(epochs=4), tmp_path / 'cnn', data=smoke_data, progress=False)
     noskill = train(smoke_cfg(model='noskill'), tmp_path / 'ns', data=smoke_data, progress=False)
-    assert noskill['test_acc'] == pytest.approx(0.1, abs=0.01)
-    assert cnn['test_acc'] > noskill['test_acc'] + 0.55
-    assert cnn['val_acc'] > 0.6
+    assert noskill.metrics.test_acc == pytest.approx(0.1, abs=0.01)
+    assert cnn.metrics.test_acc > noskill.metrics.test_acc + 0.55
+    assert cnn.metrics.val_acc > 0.6
 
 
 def test_same_seed_same_metrics(smoke_data, tmp_path):
     a = train(smoke_cfg(seed=3), tmp_path / 'a', data=smoke_data, progress=False)
     b = train(smoke_cfg(seed=3), tmp_path / 'b', data=smoke_data, progress=False)
     c = train(smoke_cfg(seed=4), tmp_path / 'c', data=smoke_data, progress=False)
-    strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r['history']]
-    assert strip(a) == strip(b) and a['test_acc'] == b['test_acc']
+    strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r.metrics.history]
+    assert strip(a) == strip(b) and a.metrics.test_acc == b.metrics.test_acc
     assert strip(a) != strip(c)
 
 
@@ -89,9 +89,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(smoke_data, tmp_path
         "only an unfinished run of the same parameters resumes"
     assert not resumable(smoke_cfg(lr=0.3), tmp_path / 'cut')
     resumed = train(smoke_cfg(), tmp_path / 'cut', data=smoke_data, progress=False, resume=True)
-    strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r['history']]
+    strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r.metrics.history]
     assert strip(resumed) == strip(full)
-    assert resumed['test_acc'] == full['test_acc']
+    assert resumed.metrics.test_acc == full.metrics.test_acc
     x = smoke_data.x_test[:50]
     np.testing.assert_array_equal(Model.load(tmp_path / 'cut' / 'model').predict_proba(x),
                                   Model.load(tmp_path / 'full' / 'model').predict_proba(x))
@@ -108,12 +108,12 @@ def test_resume_refuses_a_checkpoint_of_other_parameters(smoke_data, tmp_path):
     ({'epochs': 0}, 'epochs: expected a positive integer, found 0'),
     ({'epochs': -2}, 'epochs: expected a positive integer, found -2'),
     ({'optimizer': 'lion'}, "optimizer: expected one of sgd, adamw, found 'lion'"),
-    ({'lr': 0}, 'lr: expected a positive number, found 0'),
+    ({'lr': 0}, 'lr: expected a positive finite number, found 0'),
     ({'widths': [16, 32], 'convs': [1]}, 'convs: expected a list of 2 positive integers'),
 ])
 def test_bad_parameters_fail_before_any_work(bad, message, tmp_path, monkeypatch):
     import fmnist_lib.train as T
-    monkeypatch.setattr(T, 'load', lambda *a, **k: pytest.fail('data was loaded before the parameters were checked'))
+    monkeypatch.setattr(T.Split, 'load', lambda *a, **k: pytest.fail('data was loaded before the parameters were checked'))
     with pytest.raises(FmnistError) as e:
         train(TrainConfig(**bad), tmp_path / 'run', progress=False)
     assert message in str(e.value)
@@ -159,9 +159,9 @@ def test_wandb_offline_run_is_written_inside_the_project(smoke_data, tmp_path, m
     config = {i.key: json.loads(i.value_json) for i in kind('run')[0].config.update}
     assert config['lr'] == 0.123 and config['model'] == 'cnn' and config['epochs'] == 2, "every parameter is the run's config"
     steps = [{(i.key or '/'.join(i.nested_key)): json.loads(i.value_json) for i in h.item} for h in kind('history')]
-    assert [s['val_acc'] for s in steps] == pytest.approx([h['val_acc'] for h in r['history']]), "per-epoch metrics"
+    assert [s['val_acc'] for s in steps] == pytest.approx([h['val_acc'] for h in r.metrics.history]), "per-epoch metrics"
     summary = {(i.key or '/'.join(i.nested_key)): i.value_json for s in kind('summary') for i in s.update}
-    assert json.loads(summary['test_acc']) == pytest.approx(r['test_acc'])
+    assert json.loads(summary['test_acc']) == pytest.approx(r.metrics.test_acc)
     assert [(a.name, a.type) for a in kind('artifact')] == [('cnn-model', 'model')], "the model is logged as an artifact"
     new = (set(home.iterdir()) if home.is_dir() else set()) - before
     assert not [p for p in new if 'wandb' in p.name.lower()], f"W&B wrote into $HOME: {new}"

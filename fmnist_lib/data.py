@@ -4,19 +4,19 @@
 
 # %% ../nbs/01_data.ipynb #c3
 from __future__ import annotations
-import datetime, gzip, hashlib, os, shutil, struct, time, urllib.error, urllib.request, zlib
+import gzip, hashlib, os, shutil, struct, time, urllib.error, urllib.request, zipfile, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from .core import (FmnistError, Result, atomic_write, get_logger, project_paths, provenance, read_json, sha256_bytes,
-                             sha256_file, write_json)
+                             sha256_file, utc_now, write_json)
 
 # %% auto #0
-__all__ = ['ROLES', 'DATASETS', 'SYSTEM', 'DataError', 'ChecksumError', 'DownloadError', 'IdxFile', 'DatasetSpec',
-           'register_dataset', 'get_dataset', 'parse_idx', 'find_file', 'decompress', 'read_verified', 'candidate_dirs',
-           'locate', 'download', 'dataset_checksum', 'read_dataset', 'fetch', 'verify', 'check_arrays', 'duplicates',
-           'validate', 'stratified_split', 'Data', 'cached_manifest', 'load_arrays', 'load', 'Split',
-           'torchvision_root', 'DataReportResult', 'data_report_stage']
+__all__ = ['ROLES', 'DATASETS', 'MAX_IDX_BYTES', 'SYSTEM', 'MAX_DOWNLOAD_BYTES', 'DataError', 'ChecksumError', 'DownloadError',
+           'IdxFile', 'DatasetSpec', 'register_dataset', 'get_dataset', 'parse_idx', 'find_file', 'decompress',
+           'read_verified', 'candidate_dirs', 'locate', 'download', 'dataset_checksum', 'read_dataset', 'fetch',
+           'verify', 'check_arrays', 'duplicates', 'validate', 'stratified_split', 'Data', 'cached_manifest',
+           'load_arrays', 'load', 'Split', 'torchvision_root', 'DataReportResult', 'data_report_stage']
 
 # %% ../nbs/01_data.ipynb #c5
 class DataError(FmnistError):
@@ -133,14 +133,27 @@ def find_file(folder:Path, # folder to look in
         if p.is_file(): return p
     return None
 
-def decompress(path:Path)->bytes:
-    "The IDX content of `path` (gunzipped when it ends in .gz)."
-    raw = Path(path).read_bytes()
-    if path.suffix != '.gz': return raw
-    try: return gzip.decompress(raw)
+MAX_IDX_BYTES = 64 << 20  # 64 MiB: the largest official IDX file is 47 MB; a gzip bomb stops here, not in memory
+
+def decompress(path:Path, # an IDX file, gzipped when its name ends in .gz
+               limit:int=MAX_IDX_BYTES, # refuse content larger than this many bytes
+              )->bytes: # the IDX content
+    "The IDX content of `path`, gunzipped in chunks with a size limit."
+    path = Path(path)
+    if path.suffix != '.gz':
+        if path.stat().st_size > limit: raise DataError(f"{path}: expected at most {limit:,} bytes, found {path.stat().st_size:,}")
+        return path.read_bytes()
+    out, n = [], 0
+    try:
+        with gzip.open(path, 'rb') as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+                if n > limit: raise DataError(f"{path}: expected at most {limit:,} bytes decompressed, found more (a damaged file or a gzip bomb)")
+                out.append(chunk)
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: expected a complete gzip file, found a truncated or corrupt one ({e}); "
                         "delete it and run `fmnist data fetch`") from None
+    return b''.join(out)
 
 def read_verified(spec:DatasetSpec, # the dataset whose checksums apply
                   role:str, # one of `ROLES`, e.g. 'train_images'
@@ -192,28 +205,39 @@ def locate(spec:DatasetSpec, # the dataset
     return None
 
 # %% ../nbs/01_data.ipynb #c18
+MAX_DOWNLOAD_BYTES = 64 << 20  # 64 MiB: the largest official .gz is 26 MB
+
 def download(url:str, # the file's URL
              dest:Path, # where the verified file ends up
              timeout:float=30, # seconds without data before giving up on one try
-             retries:int=3, # tries per URL for network errors (HTTP 4xx is not retried)
+             retries:int=3, # tries per URL for network errors (HTTP 4xx, oversize and the deadline are not retried)
              progress:bool=True, # show a progress bar
+             max_bytes:int=MAX_DOWNLOAD_BYTES, # refuse a file larger than this
+             deadline_s:float=600, # give up when all tries together take longer than this
             )->Path: # the unverified temp file '.partial-<name>' beside `dest`
     "Download `url` to a temp file beside `dest` and return the temp path (the caller verifies, then renames)."
     from tqdm.auto import tqdm
     log, dest = get_logger('data'), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.partial-{dest.name}')  # keeps the .gz suffix; renamed only after verification
-    err = None
+    err, start = None, time.monotonic()
+    def late(): return time.monotonic() - start > deadline_s
     for attempt in range(1, max(1, retries) + 1):
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as out:
                 total = int(r.headers.get('Content-Length') or 0) or None
+                if total and total > max_bytes: raise DownloadError(f"{url}: expected at most {max_bytes:,} bytes, found a file of {total:,}")
                 n = 0
                 with tqdm(total=total, unit='B', unit_scale=True, desc=dest.name, disable=not progress, leave=False) as bar:
-                    for chunk in iter(lambda: r.read(1 << 16), b''):
-                        out.write(chunk); n += len(chunk); bar.update(len(chunk))
+                    for chunk in iter(lambda: r.read1(1 << 16), b''):  # read1: what has arrived, so the deadline is checked as data trickles
+                        n += len(chunk)
+                        if n > max_bytes: raise DownloadError(f"{url}: expected at most {max_bytes:,} bytes, found more")
+                        if late(): raise DownloadError(f"{url}: expected the download within {deadline_s:g} s, found it still running")
+                        out.write(chunk); bar.update(len(chunk))
             if total and n != total: raise OSError(f"connection closed after {n} of {total} bytes")
             return tmp
+        except DownloadError:
+            tmp.unlink(missing_ok=True); raise
         except urllib.error.HTTPError as e:
             tmp.unlink(missing_ok=True)
             if 400 <= e.code < 500: raise DownloadError(f"{url}: expected the file, the server answered HTTP {e.code} {e.reason}") from None
@@ -221,6 +245,7 @@ def download(url:str, # the file's URL
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             tmp.unlink(missing_ok=True)
             err = str(getattr(e, 'reason', e))
+        if late(): raise DownloadError(f"{url}: expected the download within {deadline_s:g} s, found {err} until then")
         if attempt < retries:
             log.warning(f"{url}: try {attempt}/{retries} failed ({err}); retrying")
             time.sleep(min(2 ** (attempt - 1), 10) * float(os.environ.get('FMNIST_RETRY_DELAY', 1)))
@@ -293,7 +318,7 @@ def _fetch(dataset, data_dir=None, mirror=None, root=None, timeout=30, retries=3
             raise DataError(f"{spec.name}: expected the files in one of {[str(d) for _, d in candidate_dirs(spec, None, root)]} "
                             "or a mirror to download from, found neither")
         arrays, records, source, sources = _download_all(spec, dest, mirrors, timeout, retries, progress)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    now = utc_now()
     manifest = {'dataset': spec.name, 'source': source, 'file_sources': sources, 'files': records,
                 'checksum': dataset_checksum(records), 'fetched_at': now, 'verified_at': now,
                 'fmnist_lib_version': _lib_version()}
@@ -479,18 +504,20 @@ def load_arrays(dataset:str='fashion-mnist', # registry name
     arrays = None
     if m is None: m, arrays = _fetch(spec.name, data_dir=data_dir, root=root, progress=progress)
     cache = project_paths(root).processed/f"{spec.name}-{m['checksum'][:16]}.npz"
+    fresh = arrays is not None
     if arrays is None and cache.is_file():
         try:
             with np.load(cache) as z: return {r: z[r] for r in ROLES}, m
-        except (OSError, ValueError, KeyError, zlib.error):
-            get_logger('data').warning(f"{cache}: unreadable cache, rebuilding it")
+        except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # a damaged cache is rebuilt, never fatal
+            get_logger('data').warning(f"{cache}: unreadable cache ({type(e).__name__}), rebuilding it from the verified files")
     if arrays is None:
+        fresh = True
         raw = project_paths(root).raw/spec.name
         arrays, records = read_dataset(spec, {r: find_file(raw, spec.files[r]) for r in ROLES})
         if dataset_checksum(records) != m['checksum']:
             raise ChecksumError(f"{raw}: data checksum is {dataset_checksum(records)}, expected {m['checksum']} "
                                 f"(recorded in {raw/'manifest.json'}); run `fmnist data fetch`")
-    if not cache.is_file():
+    if fresh or not cache.is_file():
         with atomic_write(cache) as fo: np.savez(fo, **arrays)
     return arrays, m
 

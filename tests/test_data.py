@@ -75,6 +75,20 @@ def test_load_caches_by_content_hash(project, official_dir):
         np.testing.assert_array_equal(getattr(d1, a), getattr(d2, a))
 
 
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
+def test_a_damaged_cache_is_rebuilt(project, official_dir, damage):
+    "A half-written or corrupted data/processed/*.npz (BadZipFile, EOFError) is rebuilt from the verified files, not fatal."
+    d1 = D.load(data_dir=official_dir, val_size=5000)
+    cache = project / 'data' / 'processed' / f"fashion-mnist-{d1.checksum[:16]}.npz"
+    good = cache.read_bytes()
+    cache.write_bytes({'truncated': good[:len(good) // 2], 'garbage': b'not a zip file at all', 'empty': b''}[damage])
+    d2 = D.load(val_size=5000)
+    for a in ('x_train', 'y_train', 'x_val', 'y_val', 'x_test', 'y_test'):
+        np.testing.assert_array_equal(getattr(d1, a), getattr(d2, a))
+    with np.load(cache) as z:  # and the cache is whole again
+        assert z['train_images'].shape == (60000, 28, 28)
+
+
 def test_real_data_schema_balance_and_leakage(project, official_dir):
     d = D.load(data_dir=official_dir, val_size=5000, seed=0)
     assert d.x_train.shape == (55000, 28, 28) and d.x_val.shape == (5000, 28, 28) and d.x_test.shape == (10000, 28, 28)
@@ -107,7 +121,7 @@ def test_duplicates_are_found_across_splits(project, official_dir):
 
 
 def test_torchvision_loads_the_laid_out_files(project, official_dir):
-    torchvision = pytest.importorskip('torchvision')
+    import torchvision
     D.fetch(data_dir=official_dir, progress=False)
     ds = torchvision.datasets.FashionMNIST(D.torchvision_root(), train=True, download=False)
     np.testing.assert_array_equal(ds.data.numpy(), D.load().x_train)
@@ -183,6 +197,18 @@ def test_truncated_idx_inside_valid_gz(project, tmp_path, toy):
     assert_nothing_written(project)
 
 
+def test_gzip_bomb_is_refused_without_filling_memory(project, copy_official):
+    "A small .gz that inflates past the IDX size limit stops at the limit with a clear error."
+    src = copy_official()
+    f = src / 'train-labels-idx1-ubyte.gz'
+    with gzip.open(f, 'wb', compresslevel=9) as g:   # ~65 KB on disk, 80 MiB inflated
+        for _ in range(80): g.write(bytes(1 << 20))
+    assert f.stat().st_size < 1 << 20
+    with pytest.raises(D.DataError, match=r'train-labels-idx1-ubyte.gz: expected at most 67,108,864 bytes decompressed, found more'):
+        D.load(data_dir=src)
+    assert_nothing_written(project)
+
+
 def test_bad_split_sizes(project, official_dir):
     with pytest.raises(D.DataError, match=r'val_size: expected between 0 and 60000, found 70000'):
         D.load(data_dir=official_dir, val_size=70000)
@@ -213,6 +239,37 @@ def test_download_of_a_corrupt_file_is_rejected(project, copy_official, http_ser
     assert url + 't10k-images-idx3-ubyte.gz' in str(e.value)
     assert hashlib.sha256(content).hexdigest() in str(e.value) and REAL.files['test_images'].sha256 in str(e.value)
     assert files_under(project / 'data') == [], "nothing from a bad download may stay"
+
+
+def test_download_over_the_size_cap_is_refused(project, tmp_path, http_server):
+    (tmp_path / 'big').mkdir(); (tmp_path / 'big' / 'f.gz').write_bytes(bytes(5000))
+    url = http_server(tmp_path / 'big')
+    with pytest.raises(D.DownloadError, match=rf'{url}f.gz: expected at most 1,000 bytes, found a file of 5,000'):
+        D.download(url + 'f.gz', project / 'f.gz', retries=3, progress=False, max_bytes=1000)
+    assert files_under(project) == [], "no partial file stays"
+
+
+def test_download_past_its_deadline_gives_up(project):
+    "A server that trickles bytes forever is abandoned at the overall deadline, not retried without end."
+    import http.server, threading, time
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.send_header('Content-Length', '10000000'); self.end_headers()
+            try:
+                for _ in range(50):  # 1 kB every 0.2 s: never silent long enough for the per-read timeout
+                    self.wfile.write(b'x' * 1000); self.wfile.flush(); time.sleep(0.2)
+            except OSError: pass
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Trickle)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f'http://127.0.0.1:{srv.server_address[1]}/f.gz'
+        with pytest.raises(D.DownloadError, match=rf'{url}: expected the download within 1 s'):
+            D.download(url, project / 'f.gz', timeout=5, retries=3, progress=False, max_bytes=1 << 30, deadline_s=1)
+    finally:
+        srv.shutdown(); srv.server_close()
+    assert files_under(project) == []
 
 
 def test_unreachable_mirror(project, no_system_copy):

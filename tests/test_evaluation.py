@@ -83,6 +83,46 @@ def test_prepare_photo_rejects_non_images(tmp_path):
         rb.prepare_photo(tmp_path / 'missing.png')
 
 
+def _png_claiming(w, h) -> bytes:
+    "A PNG whose header claims w × h pixels (its data is a 1 × 1 image): what a decompression bomb looks like from outside."
+    import io, struct, zlib
+    from PIL import Image
+    buf = io.BytesIO(); Image.new('L', (1, 1)).save(buf, 'PNG'); b = bytearray(buf.getvalue())
+    b[16:20], b[20:24] = struct.pack('>I', w), struct.pack('>I', h)
+    b[29:33] = struct.pack('>I', zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+@pytest.mark.parametrize('w, h, found', [(20000, 20000, 'more'), (10000, 5000, '10000 × 5000 = 50,000,000')])
+def test_prepare_photo_refuses_too_many_pixels_before_decoding(w, h, found):
+    "The header's size is checked before any pixel is decoded (the data behind these headers is a single pixel)."
+    with pytest.raises(FmnistError, match=rf'photo bytes: expected at most 40,000,000 pixels, found {found}'):
+        rb.prepare_photo(_png_claiming(w, h))
+
+
+def test_prepare_photo_honours_exif_orientation(tmp_path):
+    from PIL import Image
+    shot = _shot((300, 200), 'RGB')
+    shot.paste((40, 40, 40), (0, 0, 300, 40))                       # a dark band along the top: the shape is not symmetric
+    shot.save(tmp_path / 'plain.jpg', quality=95)
+    exif = Image.Exif(); exif[0x0112] = 6                            # "rotate 90° clockwise to display", as phones write it
+    shot.save(tmp_path / 'tagged.jpg', quality=95, exif=exif)
+    upright = rb.prepare_photo(shot.transpose(Image.Transpose.ROTATE_270))
+    tagged, plain = rb.prepare_photo(tmp_path / 'tagged.jpg'), rb.prepare_photo(tmp_path / 'plain.jpg')
+    assert np.abs(tagged.astype(int) - upright).mean() < 3, "the EXIF orientation was not applied"
+    assert np.abs(plain.astype(int) - upright).mean() > 10, "the test image is not asymmetric enough to tell"
+
+
+def test_prepare_photo_reads_16_bit_png(tmp_path):
+    from PIL import Image
+    a = np.full((120, 90), 60000, np.uint16); a[20:100, 25:65] = 9000  # a dark garment on a light background, 16-bit
+    Image.fromarray(a).save(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode.startswith('I;16')
+    eight = rb.prepare_photo(Image.fromarray((a / 257).astype(np.uint8)))
+    assert np.abs(rb.prepare_photo(tmp_path / 'deep.png').astype(int) - eight).max() <= 2
+    assert eight.max() > 150
+
+
 def test_temperature_scaling_keeps_accuracy_on_a_real_model(smoke):
     data, model = smoke
     zv, zt = model.logits(data.x_val).numpy(), model.logits(data.x_test).numpy()

@@ -11,7 +11,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['FmnistError', 'find_root', 'Paths', 'project_paths', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes',
            'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info',
-           'hardware_info', 'provenance', 'utc_now', 'lib_digest', 'Result', 'get_logger']
+           'hardware_info', 'provenance', 'utc_now', 'lib_digest', 'file_lock', 'Result', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #c6
 class FmnistError(Exception):
@@ -242,7 +242,28 @@ def lib_digest(root:Path|str|None=None, # project root; default: this project
     for p in sorted((project_paths(root).root/'fmnist_lib').glob('*.py')): h.update(p.name.encode()); h.update(p.read_bytes())
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #c30
+# %% ../nbs/00_core.ipynb #c29
+@contextlib.contextmanager
+def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
+              what:str, # what the lock protects, for the error message
+              wait:bool=False, # wait for the holder instead of failing at once
+             ):
+    "Hold an exclusive advisory lock on `path` for the block; raise `FmnistError` naming the holder when it is taken and `wait` is False."
+    import fcntl, sys
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a+') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or 'another process'
+            raise FmnistError(f"{what}: expected to be the only writer, found it in use by {holder} (lock {path}); "
+                              "wait for it to finish or stop it") from None
+        try:
+            f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])[:80]}) since {utc_now()}"); f.flush()
+            yield
+        finally:
+            f.seek(0); f.truncate(); fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/00_core.ipynb #c33
 class Result:
     "Base of a stage's result dataclass: `to_json` writes it with its type name; `from_json` reads it back, checking the fields."
     def to_dict(self)->dict:
@@ -278,7 +299,7 @@ class Result:
         except ValueError as e: raise FmnistError(f"{path}: expected a {cls.__name__} result in JSON, found invalid JSON ({e})") from None
         return cls.from_dict(d, str(path))
 
-# %% ../nbs/00_core.ipynb #c33
+# %% ../nbs/00_core.ipynb #c36
 def get_logger(name:str='fmnist', # a child of the 'fmnist' logger
               )->logging.Logger:
     "A logger under 'fmnist' printing time, level and message to stderr; `$FMNIST_LOG_LEVEL` sets the level."

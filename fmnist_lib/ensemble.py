@@ -183,8 +183,8 @@ def ensemble_stage(profile:str, # the profile (names the report folder)
     store_root = paths.models if not store_dir else (Path(store_dir) if Path(store_dir).is_absolute() else paths.root/store_dir)
     card = {'params': params, 'metrics': {k_: getattr(metrics, k_) for k_ in ('val_acc', 'test_acc', 'test_nll', 'train_time_s')},
             'data_checksum': data.checksum, 'val_split': sid, 'git': g, 'hardware': hw, 'profile': profile, 'run': run_name}
-    version = store.register(run.model_dir, 'ensemble', card, root=store_root)
-    promoted = store.promote(split.dataset, version, root=store_root)
+    version = store.register(run.model_dir, 'ensemble', card, store_dir=store_root)
+    promoted = store.promote(split.dataset, version, store_dir=store_root)
     res = EnsembleResult(profile, run_name, str(run.path.relative_to(paths.root)), prov, list(members),
                          {'temperatures': mixture.temperatures, 'weights': mixture.weights, 'weighting': mixture.weighting}, sc, best, cmp,
                          verdict(cmp), consistency, str(version.relative_to(paths.root)) if version.is_relative_to(paths.root) else str(version),

@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat, papermill as pm, yaml
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default as _default
-from .core import FmnistError, atomic_write, git_info, hardware_info, lib_digest, project_paths, read_json, utc_now, write_json
+from .core import FmnistError, atomic_write, file_lock, git_info, hardware_info, lib_digest, project_paths, read_json, utc_now, write_json
 from .data import cached_manifest, get_dataset
 from .runs import RunDir
 from .train import TrainConfig
@@ -90,6 +90,7 @@ class Job:
     needs: list
     result: str|None = None
     defaults: dict = field(default_factory=dict)  # the notebook's own values of parameters the plan leaves alone
+    timeout: int|None = None  # seconds one cell may run (the stage graph's `timeout`); None: no limit
     @property
     def key(self)->str: return self.stage + (f':{self.run}' if self.run else '')
 
@@ -148,6 +149,13 @@ def _check_stage_values(job:Job):
     try: TrainConfig.from_dict({k: v for k, v in eff.items() if k in names})
     except FmnistError as e: raise PipelineError(f"stage {job.key}: {e}") from None
 
+def _timeout(v, stage:str)->int|None:
+    "A stage's per-cell timeout from the graph: positive seconds, or none."
+    if v is None: return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise PipelineError(f"stage {stage}: timeout: expected positive seconds per cell, found {v!r}")
+    return v
+
 def plan(profile:str, # profile name in profiles.yaml
          stages:list|None=None, # stage names to run (default: all the profile configures)
          overrides:dict|None=None, # {key or stage.key or stage.run.key: value}
@@ -169,6 +177,8 @@ def plan(profile:str, # profile name in profiles.yaml
         if s not in nbs or s not in graph: raise PipelineError(f"stage: expected one of {', '.join(s_ for s_ in nbs if s_ in graph)}, found {s!r}")
         if s not in pstages: raise PipelineError(f"stage {s}: profile {profile} does not configure it")
     plain, per_stage, per_run = _split_overrides(dict(overrides or {}), nbs)
+    if 'profile' in plain or any('profile' in d for d in (*per_stage.values(), *per_run.values())):  # it names reports/<profile>/
+        raise PipelineError(f"parameter profile: expected it from the profile name ({profile!r}), found an override; use --profile")
     every = [s for s in nbs if s in pstages]  # number order; all are planned so upstream runs are known
     declared = {s: notebook_parameters(nbs[s]) for s in every}
     unused = [k for k in plain if not any(k in declared[s] for s in chosen)]
@@ -197,7 +207,8 @@ def plan(profile:str, # profile name in profiles.yaml
             p = {k: check_value(where, k, v, declared[s]) for k, v in p.items()}
             m = _STAGE_RE.match(nbs[s].name)
             output = out_dir/(f"{m[1]}_{s}" + (f"-{run}" if run else '') + '.ipynb')
-            jobs.append(Job(s, run, nbs[s], output, p, list(graph[s].get('needs') or []), graph[s].get('result'), defaults))
+            jobs.append(Job(s, run, nbs[s], output, p, list(graph[s].get('needs') or []), graph[s].get('result'), defaults,
+                            _timeout(graph[s].get('timeout'), s)))
     _supply_upstream(jobs, graph, profile)
     for j in jobs: _check_stage_values(j)
     return [j for j in jobs if j.stage in chosen]
@@ -268,7 +279,8 @@ def execute(job:Job, # the job: notebook, parameters and output path
     t = time.perf_counter()
     try:
         pm.execute_notebook(str(job.notebook), str(tmp), parameters=job.params, kernel_name='python3', cwd=str(out_dir),
-                            progress_bar=progress, log_output=False, kernel_manager_class='fmnist_lib.pipeline.IPCKernelManager')
+                            progress_bar=progress, log_output=False, kernel_manager_class='fmnist_lib.pipeline.IPCKernelManager',
+                            execution_timeout=job.timeout)
     except pm.PapermillExecutionError as e:
         failed = out_dir/'failed'/job.output.name; failed.parent.mkdir(exist_ok=True)
         if tmp.exists(): os.replace(tmp, failed)
@@ -278,8 +290,15 @@ def execute(job:Job, # the job: notebook, parameters and output path
                f"({src[0][:80] if src else ''}...): {e.ename}: {e.evalue}\n" + '\n'.join('    ' + l for l in tb) +
                f"\n  partial notebook kept at {failed}")
         return {'status': 'failed', 'wall_s': round(time.perf_counter() - t, 2), 'error': msg}
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):
         tmp.unlink(missing_ok=True); raise
+    except Exception as e:  # the kernel died (killed, out of memory) or a cell ran past the stage's timeout
+        failed = out_dir/'failed'/job.output.name; failed.parent.mkdir(exist_ok=True)
+        if tmp.exists(): os.replace(tmp, failed)
+        what = 'a cell ran past the stage timeout' if 'timeout' in type(e).__name__.lower() or 'timed out' in str(e).lower() else 'the kernel died'
+        msg = (f"stage {job.key} failed in nbs/experiments/{job.notebook.name}: {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+               + (f"\n  partial notebook kept at {failed}" if failed.exists() else ''))
+        return {'status': 'failed', 'wall_s': round(time.perf_counter() - t, 2), 'error': msg}
     wall = time.perf_counter() - t
     nb = nbformat.read(tmp, as_version=4)
     at = 1 if nb.cells and nb.cells[0].cell_type == 'markdown' and nb.cells[0].source.startswith('# ') else 0  # right under the title
@@ -314,6 +333,10 @@ def run(profile:str, # profile name
     jobs = plan(profile, stages, overrides, root, profiles_path)
     current = [j.key for j in plan(profile, None, overrides, root, profiles_path)]  # what the profile produces today
     out_dir = project_paths(root).profile_dir(profile)
+    with file_lock(out_dir/'.lock', f"profile {profile}"):  # a second run of the same profile fails at once, naming this one
+        return _run_locked(profile, jobs, current, out_dir, force, root, progress, echo)
+
+def _run_locked(profile, jobs, current, out_dir, force, root, progress, echo)->dict:
     index_path = out_dir/'index.json'
     try: old = {e['key']: e for e in read_json(index_path).get('jobs', []) if e['key'] in current}  # removed runs drop out
     except (OSError, ValueError): old = {}

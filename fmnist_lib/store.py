@@ -6,23 +6,24 @@
 from __future__ import annotations
 import os, re, shutil, tempfile
 from pathlib import Path
-from .core import FmnistError, get_logger, project_paths, read_json, write_json
+from .core import FmnistError, file_lock, get_logger, project_paths, read_json, write_json
 
 # %% auto #0
 __all__ = ['store_root', 'versions', 'register', 'champion', 'promote']
 
 # %% ../nbs/02a_store.ipynb #c5
-def store_root(root:Path|str|None=None)->Path:
-    "The model store: `reports/models/` of the project (or `root` itself when given)."
-    return Path(root) if root else project_paths().reports/'models'
+def store_root(store_dir:Path|str|None=None, # the store's folder; default: the project's reports/models/
+              )->Path: # the store's folder
+    "The model store: `reports/models/` of the project, or `store_dir` itself when given."
+    return Path(store_dir) if store_dir else project_paths().models
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 
 def versions(name:str, # the model's name in the store, e.g. 'cnn'
-             root:Path|str|None=None, # the store; default reports/models/
+             store_dir:Path|str|None=None, # the store; default reports/models/
             )->list: # version folder names sorted by number, e.g. ['v1', 'v2']; [] when none
     "The versions stored for model `name`, oldest first (`v1`, `v2`, ...)."
-    d = store_root(root)/name
+    d = store_root(store_dir)/name
     vs = [p.name for p in d.iterdir() if p.is_dir() and re.fullmatch(r'v\d+', p.name)] if d.is_dir() else []
     return sorted(vs, key=lambda v: int(v[1:]))
 
@@ -30,11 +31,11 @@ def versions(name:str, # the model's name in the store, e.g. 'cnn'
 def register(src:Path|str, # a folder holding model.json and model.safetensors
              name:str, # the model's name in the store, e.g. 'cnn'
              record:dict, # what to keep beside it: params, metrics, data checksum, git commit, ...
-             root:Path|str|None=None, # the store; default reports/models/
+             store_dir:Path|str|None=None, # the store; default reports/models/
             )->Path: # the new version folder <store>/<name>/v<n>
     "Copy a saved model into the next version folder of `name` with `record` as `card.json`; return the folder."
     if not _NAME.match(name): raise FmnistError(f"model name: expected letters, digits, '.', '_' or '-', found {name!r}")
-    src, base = Path(src), store_root(root)/name
+    src, base = Path(src), store_root(store_dir)/name
     for f in ('model.json', 'model.safetensors'):
         if not (src/f).is_file(): raise FmnistError(f"model folder {src}: expected {f}, found no such file")
     base.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ def register(src:Path|str, # a folder holding model.json and model.safetensors
     try:
         for f in ('model.json', 'model.safetensors'): shutil.copy2(src/f, tmp/f)
         while True:  # mkdir-free claim of the next number: rename fails if another writer took it
-            n = int(versions(name, root)[-1][1:]) + 1 if versions(name, root) else 1
+            n = int(versions(name, store_dir)[-1][1:]) + 1 if versions(name, store_dir) else 1
             dest = base/f'v{n}'
             write_json(tmp/'card.json', {**record, 'name': name, 'version': f'v{n}'})
             try: os.rename(tmp, dest); break
@@ -55,28 +56,37 @@ def register(src:Path|str, # a folder holding model.json and model.safetensors
 
 # %% ../nbs/02a_store.ipynb #c7
 def champion(task:str, # e.g. 'fashion-mnist'
-             root:Path|str|None=None, # the store; default reports/models/
+             store_dir:Path|str|None=None, # the store; default reports/models/
             )->dict|None: # {name, version, path, val_acc, val_split, test_acc}, or None when `task` has no champion
     "The champion record of `task` (name, version, path, validation accuracy), or None."
-    f = store_root(root)/'champions.json'
+    f = store_root(store_dir)/'champions.json'
     return read_json(f).get(task) if f.is_file() else None
 
 def promote(task:str, # e.g. 'fashion-mnist'
             version_dir:Path|str, # a registered version folder
-            root:Path|str|None=None, # the store holding champions.json; default reports/models/
-            force:bool=False, # promote even if it does not beat the champion
+            store_dir:Path|str|None=None, # the store holding champions.json; default reports/models/
+            force:bool=False, # replace the champion even if it was chosen on another validation split or scores higher (logged)
            )->bool: # True when champions.json now names `version_dir`, False when the champion stays
     "Make `version_dir` the champion of `task` if it beats the champion on the same validation split; return whether it did."
     card = read_json(Path(version_dir)/'card.json')
     val, split = card.get('metrics', {}).get('val_acc'), card.get('val_split')
     if val is None or split is None: raise FmnistError(f"{version_dir}/card.json: expected metrics.val_acc and val_split, found {sorted(card)}")
-    f = store_root(root)/'champions.json'
-    champs = read_json(f) if f.is_file() else {}
-    cur = champs.get(task)
-    if not force and cur and cur.get('val_split') == split and cur['val_acc'] >= val: return False
-    if not force and cur and cur.get('val_split') != split:
-        get_logger('store').info(f"{task}: champion {cur['name']} {cur['version']} was selected on another validation split; replacing it")
-    champs[task] = {'name': card['name'], 'version': card['version'], 'path': str(Path(version_dir).resolve()),
-                    'val_acc': val, 'val_split': split, 'test_acc': card.get('metrics', {}).get('test_acc')}
-    write_json(f, champs)
+    log = get_logger('store')
+    if not isinstance(val, (int, float)) or val != val:  # NaN (no validation split) never wins, forced or not
+        log.info(f"{task}: {card.get('name')} {card.get('version')} has no validation accuracy ({val!r}); the champion stays"); return False
+    f = store_root(store_dir)/'champions.json'
+    with file_lock(f.with_name('.champions.lock'), f'champion of {task}', wait=True):  # promotions take turns
+        champs = read_json(f) if f.is_file() else {}
+        cur = champs.get(task)
+        if cur and cur.get('val_split') != split:
+            if not force:
+                log.info(f"{task}: champion {cur['name']} {cur['version']} was chosen on another validation split; "
+                         f"{card['name']} {card['version']} replaces it only with force=True"); return False
+            log.warning(f"{task}: forced: {card['name']} {card['version']} replaces {cur['name']} {cur['version']}, chosen on another validation split")
+        elif cur and cur['val_acc'] >= val:
+            if not force: return False
+            log.warning(f"{task}: forced: {card['name']} {card['version']} ({val:.4f}) replaces {cur['name']} {cur['version']} ({cur['val_acc']:.4f})")
+        champs[task] = {'name': card['name'], 'version': card['version'], 'path': str(Path(version_dir).resolve()),
+                        'val_acc': val, 'val_split': split, 'test_acc': card.get('metrics', {}).get('test_acc')}
+        write_json(f, champs)
     return True

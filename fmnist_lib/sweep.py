@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv, hashlib, itertools, json, math, os, random, re, socket, tempfile, time
 from pathlib import Path
 import yaml
-from .core import FmnistError, atomic_write, get_logger, project_paths, read_json, utc_now, write_json
+from .core import FmnistError, atomic_write, file_lock, get_logger, project_paths, read_json, utc_now, write_json
 from .pipeline import Job, PipelineError, check_value, execute, notebook_parameters, plan, stage_notebooks
 from .runs import RunDir
 
@@ -177,6 +177,10 @@ def run_sweep(spec_path:Path|str, # the sweep spec (YAML)
     jobs = points(spec, root)
     out = project_paths(root).reports/'sweeps'/spec['name']
     out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out/'.lock', f"sweep {spec['name']}"):  # a second run of the same spec fails at once, naming this one
+        return _run_sweep_locked(spec, jobs, out, address, max_parallel, num_cpus, root, echo)
+
+def _run_sweep_locked(spec:dict, jobs:list, out:Path, address, max_parallel, num_cpus, root, echo)->dict:
     idx_path = out/'points.json'
     try: done = read_json(idx_path)
     except (OSError, ValueError): done = {}

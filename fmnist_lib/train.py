@@ -400,6 +400,8 @@ def train(cfg:TrainConfig, # what to train and how
     "Train `cfg.model`, select the epoch on validation, score the test set once, write the run folder."
     cfg.check(); check_tracking(tracking)
     run, log = RunDir(out_dir), get_logger('train')
+    for stale in run.path.rglob('.*.tmp') if run.path.is_dir() else []:  # left by a process killed mid-write (kill -9)
+        stale.unlink(missing_ok=True)
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     compute = pick_compute(cfg.device, cfg.precision)
@@ -494,8 +496,8 @@ def train_stage(profile:str, # the profile (names the report folder)
     card = {'params': t.record.params, 'metrics': {k: getattr(t.metrics, k) for k in ('val_acc', 'test_acc', 'test_nll', 'train_time_s')},
             'data_checksum': data.checksum, 'val_split': t.record.val_split, 'git': t.record.git, 'hardware': t.record.hardware,
             'profile': profile, 'run': run_name}
-    version = store.register(run.model_dir, cfg.model, card, root=store_root)
-    promoted = store.promote(cfg.dataset, version, root=store_root)
+    version = store.register(run.model_dir, cfg.model, card, store_dir=store_root)
+    promoted = store.promote(cfg.dataset, version, store_dir=store_root)
     res = TrainResult(profile, run_name, str(run.path.relative_to(paths.root)), prov,
                       str(version.relative_to(paths.root)) if version.is_relative_to(paths.root) else str(version), promoted, resumed)
     res.to_json(run.result_path)

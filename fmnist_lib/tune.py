@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_tune.ipynb #c3
 from __future__ import annotations
-import dataclasses, os, time
+import dataclasses, os, re, time
 from pathlib import Path
 import yaml
 from .core import FmnistError, atomic_write, project_paths, utc_now, write_json
@@ -27,6 +27,8 @@ def load_tune_spec(path:Path|str)->dict:
     except OSError as e: raise SweepError(f"tune spec {path}: expected a readable YAML file, found {e.strerror.lower()}") from None
     except yaml.YAMLError as e: raise SweepError(f"tune spec {path}: expected valid YAML, found {str(e).splitlines()[0]}") from None
     if not isinstance(spec, dict): raise SweepError(f"tune spec {path}: expected a mapping, found {type(spec).__name__}")
+    if not isinstance(spec.get('name'), str) or not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', spec['name']):  # it names reports/tune/<name>/
+        raise SweepError(f"tune spec {path}: name: expected letters, digits, '.', '_' or '-', found {spec.get('name')!r}")
     unknown = sorted(set(spec) - TUNE_KEYS)
     if unknown: raise SweepError(f"tune spec {path}: unknown keys {unknown}; expected some of {sorted(TUNE_KEYS)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -3,6 +3,7 @@ import json, os, shutil, subprocess, sys
 from pathlib import Path
 import nbformat
 import pytest
+from fmnist_lib.core import FmnistError
 from fmnist_lib.pipeline import PipelineError, plan, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,12 +121,70 @@ def test_a_run_dropped_from_the_profile_is_gone_from_every_result(project_copy):
     assert '| cnn | cnn-s0 |' in results_md('smoke')
 
 
+def test_a_second_run_of_the_same_profile_fails_fast_naming_the_holder(project_copy):
+    "Two runs of one profile would share temp names, checkpoints and the index: the second fails at once."
+    from fmnist_lib.core import file_lock
+    rep = project_copy / 'reports' / 'smoke'
+    before = (rep / 'index.json').read_bytes()
+    holder = subprocess.Popen([sys.executable, '-c', "import sys, time\nfrom fmnist_lib.core import file_lock\n"
+                               f"with file_lock({str(rep / '.lock')!r}, 'profile smoke'):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(FmnistError, match=rf"profile smoke: expected to be the only writer, found it in use by pid {holder.pid} "):
+            run('smoke', force=True, echo=lambda s: None)
+    finally:
+        holder.kill(); holder.wait()
+    assert (rep / 'index.json').read_bytes() == before, "the refused run wrote nothing"
+    with file_lock(rep / '.lock', 'profile smoke'): pass   # the holder died: the lock is free again, nothing stale
+
+
 def test_failure_blocks_the_stages_that_need_it(project_copy):
     lines = []
     with pytest.raises(PipelineError):
         run('smoke', stages=['train', 'ensemble', 'evaluate'], overrides={'train.vit-s0.dataset': 'no-such-dataset'}, echo=lines.append)
     status = {j['key']: j['status'] for j in json.loads((project_copy / 'reports' / 'smoke' / 'index.json').read_text())['jobs']}
     assert status['train:vit-s0'] == 'failed' and status['ensemble'] == 'blocked' and status['evaluate'] == 'blocked'
+
+
+def _tiny_project(root: Path, cells: dict, timeout=None) -> Path:
+    "A project whose stages are one-cell notebooks: {stage: source of its cell}, run in the given order."
+    exp = root / 'nbs' / 'experiments'; exp.mkdir(parents=True)
+    shutil.copytree(REPO / 'fmnist_lib', root / 'fmnist_lib', ignore=shutil.ignore_patterns('__pycache__'))
+    graph = {}
+    for i, (stage, src) in enumerate(cells.items(), 1):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f'# {stage}'),
+                                             nbformat.v4.new_code_cell('profile: str = "x"  # the profile'),
+                                             nbformat.v4.new_code_cell(src)])
+        nb.cells[1].metadata['tags'] = ['parameters']
+        nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+        nbformat.write(nb, exp / f'{i:02d}_{stage}.ipynb')
+        graph[stage] = {'needs': [], **({'timeout': timeout} if timeout else {})}
+    (exp / 'profiles.yaml').write_text(json.dumps({'stages': graph, 'profiles': {'x': {'stages': {s: {} for s in cells}}}}))
+    return root
+
+
+def test_a_dead_kernel_fails_the_stage_and_keeps_the_rest(tmp_path, monkeypatch):
+    root = _tiny_project(tmp_path / 'p', {'first': 'print("fine")', 'killed': 'import os, signal\nos.kill(os.getpid(), signal.SIGKILL)',
+                                          'after': 'print("independent")'})
+    monkeypatch.setenv('FMNIST_ROOT', str(root))
+    lines = []
+    with pytest.raises(PipelineError, match='stage.*killed failed'):
+        run('x', echo=lines.append)
+    msg = '\n'.join(lines)
+    assert 'stage killed failed in nbs/experiments/02_killed.ipynb: the kernel died' in msg, msg
+    status = {j['key']: j['status'] for j in json.loads((root / 'reports' / 'x' / 'index.json').read_text())['jobs']}
+    assert status == {'first': 'ok', 'killed': 'failed', 'after': 'ok'}
+    assert (root / 'reports' / 'x' / '01_first.ipynb').is_file() and not list((root / 'reports' / 'x').glob('.running-*'))
+
+
+def test_a_cell_past_the_stage_timeout_fails_the_stage(tmp_path, monkeypatch):
+    root = _tiny_project(tmp_path / 'p', {'slow': 'import time\ntime.sleep(60)'}, timeout=3)
+    monkeypatch.setenv('FMNIST_ROOT', str(root))
+    lines = []
+    with pytest.raises(PipelineError, match='stage.*slow failed'):
+        run('x', echo=lines.append)
+    assert 'a cell ran past the stage timeout' in '\n'.join(lines), lines
 
 
 # --- bad input, each before anything runs -------------------------------------------------------

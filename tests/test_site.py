@@ -141,3 +141,19 @@ def test_report_page_in_a_real_browser(browser):
     driver.get(base + 'architecture.html')
     imgs = _images_loaded(driver)
     assert any('architecture.svg' in s for s, _ in imgs) and all(ok for _, ok in imgs)
+
+
+def test_book_for_a_profile_without_reports_fails_and_keeps_the_site(tmp_path, monkeypatch):
+    "`fmnist book --profile <typo>`: a clear error, and the site that was there is untouched."
+    from fmnist_lib.book import build
+    from fmnist_lib.core import FmnistError
+    root = tmp_path / 'p'
+    (root / 'book' / '_build' / 'html').mkdir(parents=True)
+    (root / 'book' / '_config.yml').write_text('title: x\n')
+    (root / 'book' / '_build' / 'html' / 'index.html').write_text('the old site')
+    (root / 'reports' / 'smoke').mkdir(parents=True); (root / 'reports' / 'smoke' / 'index.json').write_text('{}')
+    monkeypatch.setenv('FMNIST_ROOT', str(root))
+    with pytest.raises(FmnistError, match=r"book --profile smoek: expected reports in .*reports/smoek, found none; profiles with reports: smoke"):
+        build('smoek', echo=lambda s: None)
+    assert (root / 'book' / '_build' / 'html' / 'index.html').read_text() == 'the old site'
+    assert sorted(p.name for p in (root / 'book').iterdir()) == ['_build', '_config.yml'], "nothing was copied in"

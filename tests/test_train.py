@@ -1,5 +1,5 @@
 """Models and training: shapes, capacity, determinism, resume, save/load, tracking, bad parameters."""
-import json
+import json, os
 from pathlib import Path
 import numpy as np
 import pytest
@@ -165,3 +165,40 @@ def test_wandb_offline_run_is_written_inside_the_project(smoke_data, tmp_path, m
     assert [(a.name, a.type) for a in kind('artifact')] == [('cnn-model', 'model')], "the model is logged as an artifact"
     new = (set(home.iterdir()) if home.is_dir() else set()) - before
     assert not [p for p in new if 'wandb' in p.name.lower()], f"W&B wrote into $HOME: {new}"
+
+
+def test_training_with_tracking_writes_nothing_to_home(smoke_data, tmp_path, monkeypatch):
+    "W&B offline, torch and the training loop keep every file inside the project: an empty $HOME stays empty, recursively."
+    from conftest import files_under
+    home = tmp_path / 'home'; home.mkdir()
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.setenv('FMNIST_ROOT', str(tmp_path / 'project'))
+    for k in ('WANDB_DIR', 'WANDB_CACHE_DIR', 'WANDB_DATA_DIR', 'WANDB_CONFIG_DIR', 'WANDB_MODE', 'XDG_CACHE_HOME', 'XDG_CONFIG_HOME'):
+        monkeypatch.delenv(k, raising=False)
+    train(smoke_cfg(epochs=1), tmp_path / 'run', data=smoke_data, progress=False, tracking='offline')
+    assert (tmp_path / 'project' / 'wandb').is_dir(), "the W&B run went somewhere else"
+    assert files_under(home) == [], f"training wrote into $HOME: {files_under(home)}"
+
+
+def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(smoke_data, tmp_path):
+    "A real training process killed with SIGKILL (no cleanup runs) resumes from its last checkpoint to the same result."
+    import signal, subprocess, sys, textwrap
+    cfg = dict(SMOKE | {'model': 'cnn', 'widths': [16, 32], 'convs': [1, 1], 'epochs': 6})
+    script = textwrap.dedent(f"""
+        from fmnist_lib.train import TrainConfig, train
+        def say(epoch, rec): print('epoch', epoch, flush=True)
+        train(TrainConfig(**{cfg!r}), {str(tmp_path / 'cut')!r}, progress=False, on_epoch_end=say)
+    """)
+    p = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.strip() == 'epoch 2': break
+    os.kill(p.pid, signal.SIGKILL)   # the next epoch is under way
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (tmp_path / 'cut' / 'metrics.json').exists() and resumable(TrainConfig(**cfg), tmp_path / 'cut')
+    resumed = train(TrainConfig(**cfg), tmp_path / 'cut', data=smoke_data, progress=False, resume=True)
+    full = train(TrainConfig(**cfg), tmp_path / 'full', data=smoke_data, progress=False)
+    strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r.metrics.history]
+    assert resumed.metrics.epochs_run == 6 and strip(resumed) == strip(full)
+    assert resumed.metrics.test_acc == full.metrics.test_acc
+    assert not list((tmp_path / 'cut').rglob('*.tmp')), "temp files of the killed process stayed behind"

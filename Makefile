@@ -16,7 +16,7 @@ PROFILE ?= default
 DEB_DATA := dataset-fashion-mnist
 DEB_TEST := chromium chromium-driver iproute2
 
-.PHONY: help all setup sysdeps sysdeps-test data pipeline book test lint test-nb test-py smoke nbval lab clean
+.PHONY: help all setup sysdeps sysdeps-test data pipeline book test lint test-nb test-py smoke nbval lab clean clean-models
 
 help:
 	@echo "make all     set up, fetch and verify the data, run the $(PROFILE) profile, build the site"
@@ -24,7 +24,8 @@ help:
 	@echo "make lab     open JupyterLab with the project's kernel"
 	@echo "make book    rebuild the site from reports/$(PROFILE)/ (PROFILE=smoke|default|full)"
 	@echo "make setup   only create $(VENV) and install fmnist_lib with its dev dependencies"
-	@echo "make clean   remove generated reports, site and caches (keeps $(VENV) and data/raw)"
+	@echo "make clean   remove generated reports, site and caches (keeps $(VENV), data/raw, the model store and searches)"
+	@echo "make clean-models  remove the model store reports/models/ (every registered model and the champions)"
 
 all: setup data pipeline book
 	@echo "done: reports in reports/$(PROFILE)/, site at book/_build/html/index.html"
@@ -81,7 +82,7 @@ smoke: data
 	$(BIN)/fmnist run --profile smoke --quiet
 
 test-py: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -rs tests
 
 # nbval re-executes the executed smoke reports (training included: a finished run's checkpoint is
 # never resumed) and compares their outputs with the committed sanitizers.
@@ -91,5 +92,15 @@ nbval: smoke
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
+# `clean` removes what `make all` / `make test` rebuild: the profiles' reports, caches and the site. It keeps
+# the model store (reports/models: every registered version and the champions) and the results of long
+# searches and benchmarks (reports/sweeps, reports/tune, reports/bench); `clean-models` removes the store.
+KEEP_REPORTS := models sweeps tune bench
 clean:
-	rm -rf reports/*/ data/processed book/_build book/reports book/library book/_generated book/sweeps _proc _docs .pytest_cache .ray
+	@if [ -d reports ]; then for d in reports/*/; do n=$$(basename "$$d"); \
+	  case " $(KEEP_REPORTS) " in *" $$n "*) echo "kept $$d";; *) rm -rf "$$d";; esac; done; fi
+	rm -rf data/processed book/_build book/reports book/library book/_generated book/sweeps _proc _docs .pytest_cache .ray
+
+clean-models:
+	@echo "removing every registered model and the champions in reports/models/"
+	rm -rf reports/models

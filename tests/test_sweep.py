@@ -4,10 +4,23 @@ import csv, json, os, shutil, socket, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 from fmnist_lib.sweep import SweepError, _check_address, load_spec, points
+from conftest import files_under
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('unshare'), reason='network namespaces need root and unshare')
+
+
+@pytest.fixture
+def netns():
+    "The Ray tests need root, `unshare` and `ip` for a loopback-only network namespace: a failure in CI, a skip elsewhere."
+    missing = [w for w, ok in (('root', os.geteuid() == 0), ('unshare', shutil.which('unshare')), ('ip (iproute2)', shutil.which('ip'))) if not ok]
+    if missing:
+        msg = f"the Ray tests need {', '.join(missing)} for a loopback-only network namespace (make test installs iproute2; run as root)"
+        if os.environ.get('CI'): pytest.fail(msg)
+        pytest.skip(msg)
+
+
+needs_root = pytest.mark.usefixtures('netns')
 
 
 def make_project(dest: Path) -> Path:
@@ -17,7 +30,9 @@ def make_project(dest: Path) -> Path:
 
 def in_netns(script: str, root: Path, timeout=600) -> subprocess.CompletedProcess:
     "Run a bash script in a new network namespace with only loopback up, the venv on PATH, FMNIST_ROOT set."
-    env = os.environ | {'FMNIST_ROOT': str(root), 'PATH': f"{BIN}:{os.environ['PATH']}", 'RAY_USAGE_STATS_ENABLED': '0',
+    home = root.parent / 'home'   # an empty $HOME: the tests check nothing lands there
+    home.mkdir(exist_ok=True)
+    env = os.environ | {'HOME': str(home), 'FMNIST_ROOT': str(root), 'PATH': f"{BIN}:{os.environ['PATH']}", 'RAY_USAGE_STATS_ENABLED': '0',
                         'RAY_AUTH_MODE': 'disabled', 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fmr-{root.parent.name[-12:]}')}
     env.pop('RAY_ADDRESS', None)
     return subprocess.run(['unshare', '-n', 'bash', '-c', 'set -e; ip link set lo up; ' + script], env=env, capture_output=True,
@@ -52,6 +67,7 @@ def test_smoke_sweep_runs_each_point_as_a_ray_task_and_skips_completed_ones(proj
     assert {row['node_ip'] for row in rows} == {'127.0.0.1'}
     r = in_netns(f'fmnist sweep {spec}', project)
     assert r.returncode == 0 and '4 already complete, 0 to run' in r.stdout
+    assert files_under(project.parent / 'home') == [], "a sweep (Ray, papermill, training) wrote into $HOME"
 
 
 @needs_root
@@ -109,6 +125,7 @@ def test_tune_smoke_writes_the_best_configuration(project):
     assert all(t['epochs'] == 4 for t in s['trials'] if t['completed'])
     assert any(not t['completed'] and t['epochs'] < 4 for t in s['trials']), 'ASHA (grace 1, factor 2) should stop some trial early'
     assert all('test_acc' not in t for t in s['trials']), 'the search must not see the test set'
+    assert files_under(project.parent / 'home') == [], "tune (Ray Tune, W&B, training) wrote into $HOME"
     import yaml
     best = yaml.safe_load((out / 'best.yaml').read_text())
     assert set(s['best_params']) == {'lr', 'weight_decay', 'label_smoothing'}

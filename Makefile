@@ -99,7 +99,7 @@ KEEP_REPORTS := models sweeps tune bench
 clean:
 	@if [ -d reports ]; then for d in reports/*/; do n=$$(basename "$$d"); \
 	  case " $(KEEP_REPORTS) " in *" $$n "*) echo "kept $$d";; *) rm -rf "$$d";; esac; done; fi
-	rm -rf data/processed book/_build book/reports book/library book/_generated book/sweeps _proc _docs .pytest_cache .ray
+	rm -rf data/processed book/_build book/reports book/library book/_generated book/sweeps _proc _docs .pytest_cache .ray .cache
 
 clean-models:
 	@echo "removing every registered model and the champions in reports/models/"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, re, shutil, subprocess, sys, time
 from pathlib import Path
 import nbformat
-from .core import FmnistError, atomic_write, lib_digest, project_paths, read_json
+from .core import FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json
 from .data import DataReportResult
 from .evaluate import EvaluateResult
 from .fairness import FairnessResult
@@ -212,6 +212,7 @@ def render_library(dest:Path, # where the executed copies go
     "Execute the renderable copies of nbs/NN_*.ipynb into `dest`; skip those unchanged since the last build."
     from nbclient import NotebookClient
     paths = project_paths(root)
+    keep_tool_files_in_project(root)
     lib = lib_digest(root)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = sorted(p for p in paths.nbs.glob('[0-9]*.ipynb'))

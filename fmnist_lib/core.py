@@ -11,7 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['FmnistError', 'find_root', 'Paths', 'project_paths', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes',
            'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info',
-           'hardware_info', 'provenance', 'utc_now', 'lib_digest', 'file_lock', 'Result', 'get_logger']
+           'hardware_info', 'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'file_lock', 'Result',
+           'get_logger']
 
 # %% ../nbs/00_core.ipynb #c6
 class FmnistError(Exception):
@@ -230,6 +231,14 @@ def provenance(seed:int|None=None, # the run's seed
     from fmnist_lib import __version__
     return {**extra, 'seed': seed, 'data_checksum': data_checksum, 'git': git_info(), 'fmnist_lib': __version__,
             'hardware': hardware_info(), 'started_at': utc_now()}
+
+def keep_tool_files_in_project(root:Path|str|None=None, # project root
+                               )->dict: # the variables set (those the environment already had are left alone)
+    "Point matplotlib's and IPython's caches into the project's .cache/, so kernels and builds write nothing to $HOME."
+    cache = project_paths(root).root/'.cache'
+    env = {'MPLCONFIGDIR': str(cache/'matplotlib'), 'IPYTHONDIR': str(cache/'ipython')}
+    for k, v in env.items(): os.environ.setdefault(k, v)
+    return env
 
 def utc_now()->str:
     "The current UTC time as ISO 8601 to the second: the one timestamp format of every record."

@@ -216,7 +216,7 @@ def download(url:str, # the file's URL
              deadline_s:float=600, # give up when all tries together take longer than this
             )->Path: # the unverified temp file '.partial-<name>' beside `dest`
     "Download `url` to a temp file beside `dest` and return the temp path (the caller verifies, then renames)."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the terminal bar: tqdm.auto warns about ipywidgets in every kernel, with a site-packages path
     log, dest = get_logger('data'), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.partial-{dest.name}')  # keeps the .gz suffix; renamed only after verification

@@ -4,11 +4,12 @@
 
 # %% ../nbs/09_explain.ipynb #c3
 from __future__ import annotations
-import time
+import time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
+from tqdm import TqdmWarning
 from .core import FmnistError, Result, atomic_write, project_paths, provenance
 from .data import Split, stratified_split
 from .models import Model
@@ -35,7 +36,9 @@ def attribute(model, # a `fmnist_lib.models.Model`
               internal_batch_size:int=512, # IG batches its steps: ~5x faster than one step at a time
              )->np.ndarray: # float32 (n, 28, 28)
     "Attributions (n, 28, 28) of `model`'s logit for `target`, in fp32 on CPU."
-    from captum.attr import IntegratedGradients, Saliency, Occlusion, LayerGradCam, LayerAttribution  # heavy: imported when asked for
+    with warnings.catch_warnings():  # captum imports tqdm.auto, which warns (with a site-packages path) in kernels without ipywidgets
+        warnings.simplefilter('ignore', TqdmWarning)
+        from captum.attr import IntegratedGradients, Saliency, Occlusion, LayerGradCam, LayerAttribution  # heavy: imported when asked for
     if method not in METHODS: raise FmnistError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
     net = model.module.float().cpu().eval()
     xt = torch.from_numpy(np.asarray(x)).float().unsqueeze(1) / 255
@@ -52,7 +55,9 @@ def attribute(model, # a `fmnist_lib.models.Model`
         a = LayerGradCam(net, _last_conv(net)).attribute(xt, target=tg, relu_attributions=True)
         a = LayerAttribution.interpolate(a, (28, 28), interpolate_mode='bilinear')
     else:
-        import shap  # heavy; only the SHAP method needs it
+        with warnings.catch_warnings():  # see the captum import above
+            warnings.simplefilter('ignore', TqdmWarning)
+            import shap  # heavy; only the SHAP method needs it
         bg = torch.zeros(1, 1, 28, 28) if background is None else torch.from_numpy(np.asarray(background)).float().unsqueeze(1) / 255
         sv = shap.GradientExplainer(net, bg).shap_values(xt, nsamples=50, rseed=0)
         sv = np.asarray(sv)  # (n, 1, 28, 28, classes)

@@ -279,9 +279,15 @@ class Model:
         folder = Path(folder)
         for f in ('model.json', 'model.safetensors'):
             if not (folder/f).is_file(): raise FmnistError(f"model folder {folder}: expected {f}, found no such file")
-        spec = read_json(folder/'model.json')
+        try: spec = read_json(folder/'model.json')
+        except ValueError as e: raise FmnistError(f"{folder/'model.json'}: expected the model's JSON description, found invalid JSON ({e})") from None
+        if not isinstance(spec, dict) or 'kind' not in spec:
+            raise FmnistError(f"{folder/'model.json'}: expected a mapping with 'kind' and 'arch', found {type(spec).__name__}")
         m = cls(spec['kind'], spec.get('arch'), classes=spec.get('classes', ()), meta=spec.get('meta'))
-        missing, unexpected = m.module.load_state_dict(load_file(folder/'model.safetensors'), strict=False)
+        try: weights = load_file(folder/'model.safetensors')
+        except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+            raise FmnistError(f"{folder/'model.safetensors'}: expected safetensors weights, found an unreadable file ({type(e).__name__}: {e})") from None
+        missing, unexpected = m.module.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise FmnistError(f"model folder {folder}: weights do not fit a {spec['kind']} {spec.get('arch')}: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -10,7 +10,8 @@ from pathlib import Path
 import nbformat, papermill as pm, yaml
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default as _default
-from .core import FmnistError, atomic_write, file_lock, git_info, hardware_info, lib_digest, project_paths, read_json, utc_now, write_json
+from .core import (FmnistError, atomic_write, file_lock, git_info, hardware_info, keep_tool_files_in_project, lib_digest, project_paths,
+                             read_json, utc_now, write_json)
 from .data import cached_manifest, get_dataset
 from .runs import RunDir
 from .train import TrainConfig
@@ -273,6 +274,7 @@ def execute(job:Job, # the job: notebook, parameters and output path
     "Run one job with papermill; return {'status', 'wall_s', 'error'}; never leaves a half-written report."
     out_dir = job.output.parent; out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir/f".running-{job.output.name}"
+    keep_tool_files_in_project(root)   # kernels' matplotlib and IPython caches go to the project, not $HOME
     env_path = str(Path(sys.prefix)/'share'/'jupyter')
     if env_path not in os.environ.get('JUPYTER_PATH', '').split(os.pathsep):  # the project's kernel comes first
         os.environ['JUPYTER_PATH'] = os.pathsep.join(p for p in (env_path, os.environ.get('JUPYTER_PATH')) if p)
@@ -301,6 +303,9 @@ def execute(job:Job, # the job: notebook, parameters and output path
         return {'status': 'failed', 'wall_s': round(time.perf_counter() - t, 2), 'error': msg}
     wall = time.perf_counter() - t
     nb = nbformat.read(tmp, as_version=4)
+    pmeta = nb.metadata.get('papermill', {})   # papermill records absolute paths of this machine: keep the project-relative ones
+    for k, p in (('input_path', job.notebook), ('output_path', job.output)):
+        if k in pmeta: pmeta[k] = os.path.relpath(p, project_paths(root).root)
     at = 1 if nb.cells and nb.cells[0].cell_type == 'markdown' and nb.cells[0].source.startswith('# ') else 0  # right under the title
     nb.cells.insert(at, _provenance_cell(job, wall, _data_checksum(job.params, root)))
     with atomic_write(job.output, 'w') as f: nbformat.write(nb, f)

@@ -51,7 +51,7 @@ def register(src:Path|str, # a folder holding model.json and model.safetensors
                 if not dest.exists(): raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    get_logger('store').info(f"registered {name} {dest.name} in {base}")
+    get_logger('store').info(f"registered {name} {dest.name}")  # no absolute path: logs end up in published reports
     return dest
 
 # %% ../nbs/02a_store.ipynb #c7

@@ -47,6 +47,9 @@ def load_spec(path:Path|str)->dict:
             if not (isinstance(d, dict) and len(d) == 1 and next(iter(d)) in DISTRIBUTIONS):
                 raise SweepError(f"sweep spec {path}: random.params.{k}: expected one of {', '.join(DISTRIBUTIONS)} with its arguments, found {d!r}")
     if not grid and not rnd: raise SweepError(f"sweep spec {path}: expected a non-empty grid or random section, found neither")
+    metric = spec.get('metric', 'val_acc')
+    if not isinstance(metric, str) or not metric.startswith('val_'):  # selection sees training and validation data only
+        raise SweepError(f"sweep spec {path}: metric: expected a validation metric such as val_acc (selection never looks at the test set), found {metric!r}")
     res = spec.get('resources') or {}
     if not isinstance(res, dict) or set(res) - {'num_cpus', 'num_gpus'} or any(not isinstance(v, (int, float)) or v < 0 for v in res.values()):
         raise SweepError(f"sweep spec {path}: resources: expected {{num_cpus: number, num_gpus: number}}, found {res!r}")

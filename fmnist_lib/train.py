@@ -280,7 +280,7 @@ def train_epoch(net:nn.Module, # the network, on `compute.device`
                 desc:str='epoch', # the progress bar's label
                )->dict: # {'loss', 'acc', 'seconds', 'lr', 'steps'}
     "One pass over shuffled batches: augment, forward under autocast, step the optimizer and the schedule."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the terminal bar: tqdm.auto warns about ipywidgets in every kernel, with a site-packages path
     net.train()
     t = time.perf_counter()
     n = len(y); bs = min(batch_size, n); steps = n // bs

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import dataclasses, os, re, time
 from pathlib import Path
-import yaml
+import numpy as np, yaml
 from .core import FmnistError, atomic_write, project_paths, utc_now, write_json
 from .pipeline import PipelineError, train_configs
 from .sweep import SweepError, connect
@@ -72,9 +72,11 @@ def _trainable(config:dict):
     trial_dir = Path(tune.get_context().get_trial_dir())
     def report(epoch, rec):  # the last epoch is reported below, once the run has finished
         if epoch < cfg.epochs: tune.report({'val_acc': rec['val_acc'], 'epoch': epoch, 'train_time_s': rec['train_time_s']})
-    r = train(cfg, trial_dir/'run', tracking=tracking, run_name=f"tune/{trial_dir.name}", progress=False, on_epoch_end=report)
+    data = cfg.split.load()
+    # The search never receives the test set: the trial's data has no test images, so nothing can score or log them.
+    data = dataclasses.replace(data, x_test=data.x_test[:0], y_test=data.y_test[:0], test_idx=np.zeros(0, np.int64))
+    r = train(cfg, trial_dir/'run', data=data, tracking=tracking, run_name=f"tune/{trial_dir.name}", progress=False, on_epoch_end=report)
     # `finished`, not `done`: Ray sets its own `done` on every trial that ends, ASHA-stopped ones included.
-    # No test accuracy here: the search sees the validation split only.
     m = r.metrics
     tune.report({'val_acc': m.val_acc_selection, 'final_val_acc_tta': m.val_acc,
                  'epoch': m.epochs_run, 'train_time_s': m.train_time_s, 'finished': True})

@@ -172,3 +172,13 @@ def test_public_functions_document_parameters_and_returns():
         if miss: lacking.append(f"{name}: {miss}")
     assert n > 80, f"only {n} public multi-parameter functions found: the scan is broken"
     assert not lacking, f"{len(lacking)} functions lack docments: {lacking}"
+
+
+@pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.name)
+def test_nbval_ignores_only_what_varies_and_says_why(nb):
+    "nbval compares every output of a re-executed report except cells tagged to vary; each such cell says why in its first line."
+    cells = [c for c in json.loads(nb.read_text())['cells'] if 'nbval-ignore-output' in c.get('metadata', {}).get('tags', [])]
+    assert len(cells) <= 1, f"{nb.name}: {len(cells)} cells skip nbval's comparison; keep it to the one that prints times"
+    for c in cells:
+        first = ''.join(c['source']).splitlines()[0]
+        assert first.startswith('# nbval-ignore-output: '), f"{nb.name}: an ignored cell must open with '# nbval-ignore-output: <reason>'"

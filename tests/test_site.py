@@ -157,3 +157,19 @@ def test_book_for_a_profile_without_reports_fails_and_keeps_the_site(tmp_path, m
         build('smoek', echo=lambda s: None)
     assert (root / 'book' / '_build' / 'html' / 'index.html').read_text() == 'the old site'
     assert sorted(p.name for p in (root / 'book').iterdir()) == ['_build', '_config.yml'], "nothing was copied in"
+
+
+def test_published_pages_and_reports_hold_no_machine_details(site):
+    "No absolute path of the build machine, home folder, host name or e-mail address reaches the site or the executed reports."
+    import socket
+    leaks = {str(REPO): 'the project path', str(Path.home()) + '/': 'the home folder'}
+    host = socket.gethostname()
+    if len(host) >= 6: leaks[host] = 'the host name'
+    email = re.compile(r'[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}')
+    files = [p for p in HTML.rglob('*.html') if '_static' not in p.relative_to(HTML).parts] + sorted((REPO / 'reports' / 'smoke').glob('*.ipynb'))
+    found = []
+    for f in files:
+        text = f.read_text(errors='ignore')
+        found += [f"{f.relative_to(REPO)}: {what}" for s, what in leaks.items() if s in text]
+        found += [f"{f.relative_to(REPO)}: e-mail {m}" for m in set(email.findall(text))]
+    assert not found, f"{len(found)} leaks, e.g. {found[:10]}"

@@ -124,7 +124,14 @@ def test_tune_smoke_writes_the_best_configuration(project):
     # completed means the trial ran its 4 epochs; ASHA stopped the others earlier (Ray's own `done` would mark them all)
     assert all(t['epochs'] == 4 for t in s['trials'] if t['completed'])
     assert any(not t['completed'] and t['epochs'] < 4 for t in s['trials']), 'ASHA (grace 1, factor 2) should stop some trial early'
-    assert all('test_acc' not in t for t in s['trials']), 'the search must not see the test set'
+    import math
+    import numpy as np
+    trial_runs = sorted((out / 'ray').rglob('run/metrics.json'))
+    assert len(trial_runs) == sum(t['completed'] for t in s['trials']) > 0, "every completed trial writes its run folder"
+    for f in trial_runs:  # the trials never received test images: nothing could score them
+        assert math.isnan(json.loads(f.read_text())['test_acc']), f"{f}: a trial scored the test set"
+        with np.load(f.parent / 'predictions.npz') as z:
+            assert z['test'].shape[0] == 0 and z['val'].shape[0] == 500, f"{f.parent}: a trial predicted test images"
     assert files_under(project.parent / 'home') == [], "tune (Ray Tune, W&B, training) wrote into $HOME"
     import yaml
     best = yaml.safe_load((out / 'best.yaml').read_text())

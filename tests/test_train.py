@@ -202,3 +202,20 @@ def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(smoke_da
     assert resumed.metrics.epochs_run == 6 and strip(resumed) == strip(full)
     assert resumed.metrics.test_acc == full.metrics.test_acc
     assert not list((tmp_path / 'cut').rglob('*.tmp')), "temp files of the killed process stayed behind"
+
+
+@pytest.mark.parametrize('damage', ['weights', 'json'])
+def test_a_damaged_model_file_is_a_clear_error(tmp_path, damage):
+    Model('cnn', KINDS['cnn']).save(tmp_path)
+    f = tmp_path / ('model.safetensors' if damage == 'weights' else 'model.json')
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    with pytest.raises(FmnistError, match=rf"{f.name}: expected .*, found (an unreadable file|invalid JSON)"):
+        Model.load(tmp_path)
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(smoke_data, tmp_path):
+    train(smoke_cfg(epochs=1), tmp_path / 'r', data=smoke_data, progress=False)
+    ckpt = tmp_path / 'r' / 'checkpoint.pt'
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(FmnistError, match=r"checkpoint.pt: expected a training checkpoint, found an unreadable file"):
+        train(smoke_cfg(epochs=2), tmp_path / 'r', data=smoke_data, progress=False, resume=True)

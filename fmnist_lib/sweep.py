@@ -12,8 +12,8 @@ from .pipeline import Job, PipelineError, check_value, execute, notebook_paramet
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['SPEC_KEYS', 'DISTRIBUTIONS', 'SweepError', 'load_spec', 'slug', 'points', 'ray_temp_dir', 'ray_env', 'connect',
-           'run_sweep']
+__all__ = ['SPEC_KEYS', 'DISTRIBUTIONS', 'SweepError', 'load_spec', 'slug', 'points', 'ray_temp_dir', 'ray_env',
+           'check_resources', 'connect', 'run_sweep']
 
 # %% ../nbs/14_sweep.ipynb #c5
 class SweepError(FmnistError):
@@ -129,6 +129,18 @@ def _check_address(address:str, timeout:float=5.0):
     except OSError as e:
         raise SweepError(f"Ray address {address}: expected a running Ray cluster there, found none ({e.strerror or e})") from None
 
+def check_resources(ray, # an initialised ray module
+                    wanted:dict, # {'num_cpus': n, 'num_gpus': n} one point or trial asks for
+                    what:str, # the sweep or search, for the error message
+                   ):
+    "Fail at once when no node of the cluster could ever give one task what it asks for (Ray would wait forever)."
+    nodes = [n.get('Resources', {}) for n in ray.nodes() if n.get('Alive')]
+    need = {'CPU': float(wanted.get('num_cpus', 1) or 0), 'GPU': float(wanted.get('num_gpus', 0) or 0)}
+    if not any(all(r.get(k, 0.0) >= v for k, v in need.items() if v) for r in nodes):
+        have = ', '.join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in nodes) or 'no live node'
+        raise SweepError(f"{what}: resources: expected a node with {need['CPU']:g} CPUs and {need['GPU']:g} GPUs for one task, "
+                         f"found {have}; lower resources in the spec or add a node")
+
 def connect(address:str|None=None, # host:port of a running cluster; None = $RAY_ADDRESS or an embedded Ray
             num_cpus:int|None=None, # CPUs of the embedded Ray (default: all)
             root=None, # project root (an embedded Ray keeps its files in its .ray/)
@@ -193,6 +205,7 @@ def _run_sweep_locked(spec:dict, jobs:list, out:Path, address, max_parallel, num
     t0 = time.perf_counter()
     if todo:
         ray = connect(address, num_cpus, root)
+        check_resources(ray, res, f"sweep {spec['name']}")
         task = ray.remote(num_cpus=res.get('num_cpus', 1), num_gpus=res.get('num_gpus', 0), max_retries=0)(_run_point)
         root_s = str(project_paths(root).root)
         pending, started = {}, {}

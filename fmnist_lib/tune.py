@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, yaml
 from .core import FmnistError, atomic_write, project_paths, utc_now, write_json
 from .pipeline import PipelineError, train_configs
-from .sweep import SweepError, connect
+from .sweep import SweepError, check_resources, connect
 from .train import TrainConfig, train
 
 # %% auto #0
@@ -96,10 +96,11 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
     base = base_config(spec, root)
     out = project_paths(root).reports/'tune'/spec['name']
     out.mkdir(parents=True, exist_ok=True)
-    connect(address, num_cpus, root)
+    ray = connect(address, num_cpus, root)
     asha = spec.get('asha') or {}
     epochs = base.get('epochs', TrainConfig().epochs)
     res = spec.get('resources') or {'num_cpus': 1}
+    check_resources(ray, res, f"tune {spec['name']}")
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {'cpu': res.get('num_cpus', 1), 'gpu': res.get('num_gpus', 0)}),

@@ -71,6 +71,23 @@ def test_smoke_sweep_runs_each_point_as_a_ray_task_and_skips_completed_ones(proj
 
 
 @needs_root
+def test_a_sweep_asking_for_more_than_any_node_has_fails_fast(project):
+    "Ray would queue such a task forever; the sweep refuses it at once, naming what it asked for and what the cluster has."
+    spec = project / 'big.yaml'
+    spec.write_text(textwrap.dedent('''
+        name: too-big
+        stage: train
+        profile: smoke
+        run: cnn-s0
+        grid: {lr: [0.1]}
+        resources: {num_cpus: 64}
+    '''))
+    r = in_netns(f'fmnist sweep {spec} --num-cpus 2', project, timeout=180)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'sweep too-big: resources: expected a node with 64 CPUs and 0 GPUs for one task, found 2 CPUs and 0 GPUs' in r.stderr, r.stderr[-2000:]
+
+
+@needs_root
 def test_a_failing_point_is_recorded_and_the_others_complete(project):
     spec = project / 'fail.yaml'
     spec.write_text(textwrap.dedent('''

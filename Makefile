@@ -89,8 +89,9 @@ test-py: setup
 nbval: smoke
 	$(BIN)/python -m pytest -p no:cacheprovider --nbval reports/smoke/[0-9]*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
+# JupyterLab on 127.0.0.1 only; as root (containers, these machines) it needs --allow-root or it stops at once
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. --ip=127.0.0.1 --no-browser $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # `clean` removes what `make all` / `make test` rebuild: the profiles' reports, caches and the site. It keeps
 # the model store (reports/models: every registered version and the champions) and the results of long

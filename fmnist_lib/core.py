@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FmnistError', 'find_root', 'Paths', 'project_paths', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes',
-           'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info',
-           'hardware_info', 'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'file_lock', 'Result',
+__all__ = ['POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
+           'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file', 'seed_everything', 'cpu_flags',
+           'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info', 'provenance',
+           'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock', 'Result',
            'get_logger']
 
 # %% ../nbs/00_core.ipynb #c6
@@ -252,6 +253,24 @@ def lib_digest(root:Path|str|None=None, # project root; default: this project
     return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #c29
+def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
+POSITIVE_INT = (lambda v: _is_int(v) and v > 0, 'a positive integer')
+NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, 'a non-negative integer')
+POSITIVE_NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float('inf'), 'a positive finite number')
+def one_of(*choices)->tuple:
+    "A rule accepting exactly `choices`."
+    return (lambda v: v in choices, 'one of ' + ', '.join(map(str, choices)))
+
+def check_values(where:str, # what to name in the error, e.g. 'stage evaluate'
+                 values:dict, # parameter values; names without a rule are not checked here
+                 rules:dict, # {name: (test, expected text)}
+                )->dict: # `values`, unchanged
+    "Raise `FmnistError` naming the first value its rule refuses, with what was expected and what was found."
+    for k, (ok, expected) in rules.items():
+        if k in values and not ok(values[k]): raise FmnistError(f"{where}: {k}: expected {expected}, found {values[k]!r}")
+    return values
+
+# %% ../nbs/00_core.ipynb #c32
 @contextlib.contextmanager
 def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
               what:str, # what the lock protects, for the error message
@@ -272,7 +291,7 @@ def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
         finally:
             f.seek(0); f.truncate(); fcntl.flock(f, fcntl.LOCK_UN)
 
-# %% ../nbs/00_core.ipynb #c33
+# %% ../nbs/00_core.ipynb #c36
 class Result:
     "Base of a stage's result dataclass: `to_json` writes it with its type name; `from_json` reads it back, checking the fields."
     def to_dict(self)->dict:
@@ -308,7 +327,7 @@ class Result:
         except ValueError as e: raise FmnistError(f"{path}: expected a {cls.__name__} result in JSON, found invalid JSON ({e})") from None
         return cls.from_dict(d, str(path))
 
-# %% ../nbs/00_core.ipynb #c36
+# %% ../nbs/00_core.ipynb #c39
 def get_logger(name:str='fmnist', # a child of the 'fmnist' logger
               )->logging.Logger:
     "A logger under 'fmnist' printing time, level and message to stderr; `$FMNIST_LOG_LEVEL` sets the level."

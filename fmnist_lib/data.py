@@ -8,15 +8,16 @@ import gzip, hashlib, os, shutil, struct, time, urllib.error, urllib.request, zi
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from .core import (FmnistError, Result, atomic_write, get_logger, project_paths, provenance, read_json, sha256_bytes,
-                             sha256_file, utc_now, write_json)
+from .core import (NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, atomic_write, check_values, get_logger, project_paths,
+                             provenance, read_json, sha256_bytes, sha256_file, utc_now, write_json)
 
 # %% auto #0
-__all__ = ['ROLES', 'DATASETS', 'MAX_IDX_BYTES', 'SYSTEM', 'MAX_DOWNLOAD_BYTES', 'DataError', 'ChecksumError', 'DownloadError',
-           'IdxFile', 'DatasetSpec', 'register_dataset', 'get_dataset', 'parse_idx', 'find_file', 'decompress',
-           'read_verified', 'candidate_dirs', 'locate', 'download', 'dataset_checksum', 'read_dataset', 'fetch',
-           'verify', 'check_arrays', 'duplicates', 'validate', 'stratified_split', 'Data', 'cached_manifest',
-           'load_arrays', 'load', 'Split', 'torchvision_root', 'DataReportResult', 'data_report_stage']
+__all__ = ['ROLES', 'DATASETS', 'MAX_IDX_BYTES', 'SYSTEM', 'MAX_DOWNLOAD_BYTES', 'DATA_REPORT_RULES', 'DataError',
+           'ChecksumError', 'DownloadError', 'IdxFile', 'DatasetSpec', 'register_dataset', 'get_dataset', 'parse_idx',
+           'find_file', 'decompress', 'read_verified', 'candidate_dirs', 'locate', 'download', 'dataset_checksum',
+           'read_dataset', 'fetch', 'verify', 'check_arrays', 'duplicates', 'validate', 'stratified_split', 'Data',
+           'cached_manifest', 'load_arrays', 'load', 'Split', 'torchvision_root', 'DataReportResult',
+           'data_report_stage']
 
 # %% ../nbs/01_data.ipynb #c5
 class DataError(FmnistError):
@@ -590,6 +591,8 @@ class DataReportResult(Result):
     metrics: dict      # n_train, n_val, n_test, cross_split_duplicates, within_split_duplicate_groups
     wall_time_s: float # seconds the stage took
 
+DATA_REPORT_RULES = {'val_size': NON_NEGATIVE_INT, 'seed': NON_NEGATIVE_INT, 'samples_per_class': POSITIVE_INT}
+
 def data_report_stage(profile:str, # the profile (names the report folder)
                       out_dir:Path|str, # where data_report.json goes
                       dataset:str='fashion-mnist', # registry name
@@ -598,6 +601,7 @@ def data_report_stage(profile:str, # the profile (names the report folder)
                       data_dir:Path|str|None=None, # explicit folder holding the IDX files
                      )->DataReportResult: # also written to `out_dir`/data_report.json
     "Load and validate the data; report schema, balance, duplicates and leakage."
+    check_values('stage data_report', dict(val_size=val_size, seed=seed), DATA_REPORT_RULES)
     t0 = time.perf_counter()
     d = load(dataset, val_size=val_size, seed=seed, data_dir=data_dir or None, progress=False)
     rep = validate(d)

@@ -9,17 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from .core import FmnistError, Result, git_info, hardware_info, pick_compute, project_paths, provenance
+from .core import (NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, git_info, hardware_info, one_of, pick_compute,
+                             project_paths, provenance)
 from .data import Split
-from .models import Model, mix_logits
+from .models import TTA, Model, mix_logits
 from .runs import RunDir, RunMetrics, RunRecord
 from .stats import compare, fit_temperature, softmax
 from .train import Tracker, check_tracking, scores
 from . import store
 
 # %% auto #0
-__all__ = ['MAX_SEARCHED_MEMBERS', 'ensemble_weights', 'Mixture', 'fit_mixture', 'make_ensemble', 'check_consistency',
-           'EnsembleResult', 'verdict', 'ensemble_stage']
+__all__ = ['MAX_SEARCHED_MEMBERS', 'ENSEMBLE_RULES', 'ensemble_weights', 'Mixture', 'fit_mixture', 'make_ensemble',
+           'check_consistency', 'EnsembleResult', 'verdict', 'ensemble_stage']
 
 # %% ../nbs/06_ensemble.ipynb #c6
 MAX_SEARCHED_MEMBERS = 3  # the weight grid has (1/step)^(k-1) points: 8,000 at k=4, step 0.05; equal weights beyond this
@@ -121,6 +122,8 @@ def verdict(cmp:dict, # a row of `stats.compare`: a vs b with diff, diff_lo, dif
     if cmp['p_value'] < alpha: return f"{cmp['a']} is {'better' if cmp['diff'] > 0 else 'worse'} than {cmp['b']} ({d})"
     return f"no detectable difference between {cmp['a']} and {cmp['b']} ({d})"
 
+ENSEMBLE_RULES = {'weighting': one_of('val', 'equal'), 'tta': one_of(*TTA), 'n_boot': POSITIVE_INT, 'check_images': NON_NEGATIVE_INT}
+
 def ensemble_stage(profile:str, # the profile (names the report folder)
                    run_name:str, # the ensemble's run folder reports/<profile>/runs/<run_name>/
                    members:list, # run names of the profile's train stage to combine
@@ -136,6 +139,7 @@ def ensemble_stage(profile:str, # the profile (names the report folder)
     "Fit the mixture on validation, save the ensemble as a run, score the test set once, compare with the best member."
     t0 = time.perf_counter()
     check_tracking(tracking)
+    check_values('stage ensemble', dict(weighting=weighting, tta=tta, n_boot=n_boot, check_images=check_images), ENSEMBLE_RULES)
     if not members: raise FmnistError("members: expected at least one run name, found none")
     paths = project_paths(root)
     runs = {m: RunDir(paths.run_dir(profile, m)) for m in members}

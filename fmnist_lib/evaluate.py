@@ -8,14 +8,14 @@ import tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .core import FmnistError, Result, pick_compute, project_paths, provenance
+from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, pick_compute, project_paths, provenance
 from .data import Data, Split
 from .runs import RunDir
 from .train import TrainConfig, train
 from . import stats
 
 # %% auto #0
-__all__ = ['LOGIT_TOLERANCE', 'check_saved', 'EvaluateResult', 'evaluate_stage']
+__all__ = ['LOGIT_TOLERANCE', 'EVALUATE_RULES', 'check_saved', 'EvaluateResult', 'evaluate_stage']
 
 # %% ../nbs/07_evaluate.ipynb #c6
 LOGIT_TOLERANCE = {'fp32': 1e-3, 'bf16': 0.1}  # max |logit difference| between a saved and a fresh prediction, by precision
@@ -65,6 +65,9 @@ class EvaluateResult(Result):
     hardest: list           # test positions of the best run's 16 hardest images (lowest probability of the true class)
     wall_time_s: float      # seconds the stage took
 
+EVALUATE_RULES = {'n_boot': POSITIVE_INT, 'cv_folds': (lambda v: v == 0 or (POSITIVE_INT[0](v) and v >= 2), '0 (off) or at least 2 folds'),
+                  'bins': POSITIVE_INT, 'check_images': NON_NEGATIVE_INT, 'seed': NON_NEGATIVE_INT}
+
 def evaluate_stage(profile:str, # the profile (names the report folder)
                    runs:list, # run names to evaluate (the pipeline supplies the profile's train and ensemble runs)
                    split:Split, # the data; must be the runs' split
@@ -77,6 +80,7 @@ def evaluate_stage(profile:str, # the profile (names the report folder)
                    root:Path|str|None=None, # project root
                   )->EvaluateResult: # also written to `out_dir`/evaluation.json
     "Check, score and compare every run on the test set; calibrate on validation; cross-validate the baselines."
+    check_values('stage evaluate', dict(n_boot=n_boot, cv_folds=cv_folds, bins=bins, check_images=check_images, seed=seed), EVALUATE_RULES)
     t0 = time.perf_counter()
     if not runs: raise FmnistError(f"runs: expected the profile's trained runs, found none; run the train stage of profile {profile} first")
     paths = project_paths(root)

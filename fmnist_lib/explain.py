@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm import TqdmWarning
-from .core import FmnistError, Result, atomic_write, project_paths, provenance
+from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, atomic_write, check_values, project_paths, provenance
 from .data import Split, stratified_split
 from .models import Model
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['METHODS', 'RANDOMIZATION_PASS', 'attribute', 'deletion_insertion', 'random_attribution', 'rank_correlation',
-           'randomization_check', 'ExplainResult', 'explain_stage']
+__all__ = ['METHODS', 'RANDOMIZATION_PASS', 'EXPLAIN_RULES', 'attribute', 'deletion_insertion', 'random_attribution',
+           'rank_correlation', 'randomization_check', 'ExplainResult', 'explain_stage']
 
 # %% ../nbs/09_explain.ipynb #c5
 METHODS = ('ig', 'saliency', 'occlusion', 'gradcam', 'shap')
@@ -136,6 +136,9 @@ class ExplainResult(Result):
     gallery_file: str     # npz with the gallery's images, labels, predictions and maps
     wall_time_s: float    # seconds the stage took
 
+EXPLAIN_RULES = {'n_images': POSITIVE_INT, 'shap_images': POSITIVE_INT, 'shap_background': POSITIVE_INT, 'steps': POSITIVE_INT,
+                 'seed': NON_NEGATIVE_INT}
+
 def explain_stage(profile:str, # the profile (names the report folder)
                   cnn_run:str, # the CNN run to explain
                   split:Split, # the data; must be the runs' split
@@ -149,6 +152,8 @@ def explain_stage(profile:str, # the profile (names the report folder)
                   root:Path|str|None=None, # project root
                  )->ExplainResult: # also written to `out_dir`/explain.json
     "Attribute, time, check faithfulness and run the randomization check."
+    check_values('stage explain', dict(n_images=n_images, shap_images=shap_images, shap_background=shap_background, steps=steps, seed=seed),
+                 EXPLAIN_RULES)
     t0 = time.perf_counter()
     paths = project_paths(root)
     out = Path(out_dir or paths.profile_dir(profile))

@@ -9,16 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
-from .core import Compute, FmnistError, Result, pick_compute, project_paths, provenance
+from .core import (NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, Compute, FmnistError, Result, check_values, one_of, pick_compute,
+                             project_paths, provenance)
 from .data import Split, stratified_split
-from .models import Model
+from .models import TTA, Model
 from .runs import RunDir
 from .stats import boot_indices, ci
 from .train import random_crop, random_flip, train_epoch
 
 # %% auto #0
-__all__ = ['FOREGROUND', 'SLICE_FEATURES', 'image_features', 'tertile_edges', 'slices', 'slice_report', 'finetune', 'gap_change',
-           'gap_verdict', 'FairnessResult', 'fairness_stage']
+__all__ = ['FOREGROUND', 'SLICE_FEATURES', 'FAIRNESS_RULES', 'image_features', 'tertile_edges', 'slices', 'slice_report',
+           'finetune', 'gap_change', 'gap_verdict', 'FairnessResult', 'fairness_stage']
 
 # %% ../nbs/08_fairness.ipynb #c5
 FOREGROUND = 10  # pixel values above this count as the object (the background is 0 up to compression noise)
@@ -158,6 +159,9 @@ class FairnessResult(Result):
     verdict: str         # what the interval supports, in words
     wall_time_s: float   # seconds the stage took
 
+FAIRNESS_RULES = {'tta': one_of(*TTA), 'finetune_epochs': POSITIVE_INT, 'finetune_images': NON_NEGATIVE_INT, 'finetune_lr': POSITIVE_NUMBER,
+                  'n_boot': POSITIVE_INT, 'seed': NON_NEGATIVE_INT}
+
 def fairness_stage(profile:str, # the profile (names the report folder)
                    model_run:str, # the run to slice and mitigate (a single trainable model)
                    split:Split, # the data; must be the run's split
@@ -172,6 +176,8 @@ def fairness_stage(profile:str, # the profile (names the report folder)
                    root:Path|str|None=None, # project root
                   )->FairnessResult: # also written to `out_dir`/fairness.json
     "Flag the weakest slice on validation, choose a reweighting on validation, judge it against a control on the test set once."
+    check_values('stage fairness', dict(tta=tta, finetune_epochs=finetune_epochs, finetune_images=finetune_images,
+                                        finetune_lr=finetune_lr, n_boot=n_boot, seed=seed), FAIRNESS_RULES)
     t0 = time.perf_counter()
     if not upweights or any(not isinstance(u, (int, float)) or isinstance(u, bool) or not 0 < u < math.inf for u in upweights):
         raise FmnistError(f"upweights: expected a non-empty list of positive numbers, found {upweights!r}")

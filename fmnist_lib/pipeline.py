@@ -10,15 +10,21 @@ from pathlib import Path
 import nbformat, papermill as pm, yaml
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default as _default
-from .core import (FmnistError, atomic_write, file_lock, git_info, hardware_info, keep_tool_files_in_project, lib_digest, project_paths,
+from .core import (FmnistError, atomic_write, check_values, file_lock, git_info, hardware_info, keep_tool_files_in_project, lib_digest, project_paths,
                              read_json, utc_now, write_json)
-from .data import cached_manifest, get_dataset
+from .data import DATA_REPORT_RULES, cached_manifest, get_dataset
+from .ensemble import ENSEMBLE_RULES
+from .evaluate import EVALUATE_RULES
+from .explain import EXPLAIN_RULES
+from .fairness import FAIRNESS_RULES
+from .robustness import ROBUSTNESS_RULES
 from .runs import RunDir
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['PipelineError', 'experiments_dir', 'stage_notebooks', 'load_profiles', 'notebook_parameters', 'check_value',
-           'parse_override', 'Job', 'plan', 'train_configs', 'inputs_digest', 'IPCKernelManager', 'execute', 'run']
+__all__ = ['STAGE_RULES', 'PipelineError', 'experiments_dir', 'stage_notebooks', 'load_profiles', 'notebook_parameters',
+           'check_value', 'parse_override', 'Job', 'plan', 'train_configs', 'inputs_digest', 'IPCKernelManager',
+           'execute', 'run']
 
 # %% ../nbs/11_pipeline.ipynb #c5
 class PipelineError(FmnistError):
@@ -142,10 +148,16 @@ def _supply_upstream(jobs:list, graph:dict, profile:str)->list:
                                         f"({', '.join(produced.get(from_stage, [])) or 'none'})")
     return jobs
 
+STAGE_RULES = {'data_report': DATA_REPORT_RULES, 'ensemble': ENSEMBLE_RULES, 'evaluate': EVALUATE_RULES, 'fairness': FAIRNESS_RULES,
+               'explain': EXPLAIN_RULES, 'robustness': ROBUSTNESS_RULES}  # each stage module's own rules; train's is TrainConfig.check
+
 def _check_stage_values(job:Job):
     "Apply the stage's own value checks (ranges, NaN, infinities, list contents) to a job's effective parameters."
-    if job.stage != 'train': return
     eff = job.defaults | job.params
+    if job.stage in STAGE_RULES:
+        try: check_values(f"stage {job.key}", eff, STAGE_RULES[job.stage])
+        except FmnistError as e: raise PipelineError(str(e)) from None
+    if job.stage != 'train': return
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try: TrainConfig.from_dict({k: v for k, v in eff.items() if k in names})
     except FmnistError as e: raise PipelineError(f"stage {job.key}: {e}") from None

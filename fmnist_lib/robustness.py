@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
-from .core import FmnistError, Result, pick_compute, project_paths, provenance
+from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, one_of, pick_compute, project_paths, provenance
 from .data import Split, stratified_split
 from .ensemble import Mixture
-from .models import shift
+from .models import TTA, shift
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['SEVERITY', 'CORRUPTIONS', 'MAX_PHOTO_PIXELS', 'corrupt', 'corrupted_sets', 'corruption_scores', 'RobustnessResult',
-           'robustness_stage', 'prepare_photo']
+__all__ = ['SEVERITY', 'CORRUPTIONS', 'ROBUSTNESS_RULES', 'MAX_PHOTO_PIXELS', 'corrupt', 'corrupted_sets', 'corruption_scores',
+           'RobustnessResult', 'robustness_stage', 'prepare_photo']
 
 # %% ../nbs/10_robustness.ipynb #c6
 SEVERITY = {'noise': [10, 18, 28, 42, 64], 'blur': [0.5, 0.75, 1.0, 1.5, 2.0], 'brightness': [25, 50, 75, 100, 128],
@@ -127,6 +127,8 @@ class RobustnessResult(Result):
     severity5_worse_than_1: dict # {run: severity 5 hurts at least as much as severity 1 for every corruption}
     wall_time_s: float    # seconds the stage took
 
+ROBUSTNESS_RULES = {'n_images': POSITIVE_INT, 'tta': one_of(*TTA), 'seed': NON_NEGATIVE_INT}
+
 def robustness_stage(profile:str, # the profile (names the report folder)
                      runs:list, # runs to score (the pipeline supplies the profile's train and ensemble runs)
                      split:Split, # the data; must be the runs' split
@@ -137,6 +139,7 @@ def robustness_stage(profile:str, # the profile (names the report folder)
                      root:Path|str|None=None, # project root
                     )->RobustnessResult: # also written to `out_dir`/robustness.json
     "Accuracy of every run under 8 corruptions at 5 severities on the same images."
+    check_values('stage robustness', dict(n_images=n_images, tta=tta, seed=seed), ROBUSTNESS_RULES)
     t0 = time.perf_counter()
     if not runs: raise FmnistError(f"runs: expected the profile's trained runs, found none; run the train stage of profile {profile} first")
     paths = project_paths(root)

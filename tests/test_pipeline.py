@@ -198,6 +198,9 @@ def test_a_cell_past_the_stage_timeout_fails_the_stage(tmp_path, monkeypatch):
     (dict(profile='smoke', overrides={'train.cnn-s0.epochs': -1}), "stage train:cnn-s0: epochs: expected a positive integer, found -1"),
     (dict(profile='smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}), "stage ensemble: members names ['no-such-run'], which are not runs"),
     (dict(profile='smoke', overrides={'fairness.model_run': 'cnn-s9'}), "stage fairness: model_run names ['cnn-s9']"),
+    (dict(profile='smoke', overrides={'evaluate.cv_folds': 1}), "stage evaluate: cv_folds: expected 0 (off) or at least 2 folds, found 1"),
+    (dict(profile='smoke', overrides={'robustness.tta': 'all'}), "stage robustness: tta: expected one of none, flip, flip+shift, found 'all'"),
+    (dict(profile='smoke', overrides={'explain.n_images': 0}), "stage explain: n_images: expected a positive integer, found 0"),
 ])
 def test_bad_plans_fail_before_running(kw, message, project_copy):
     before = sorted(p.name for p in (project_copy / 'reports' / 'smoke').rglob('*'))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c3
 from __future__ import annotations
-import contextlib, dataclasses, datetime, hashlib, json, logging, os, platform, random, re, subprocess, tempfile
+import contextlib, dataclasses, datetime, fcntl, hashlib, json, logging, os, platform, random, re, subprocess, sys, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,7 +277,6 @@ def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
               wait:bool=False, # wait for the holder instead of failing at once
              ):
     "Hold an exclusive advisory lock on `path` for the block; raise `FmnistError` naming the holder when it is taken and `wait` is False."
-    import fcntl, sys
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'a+') as f:
         try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -15,8 +15,7 @@ from .data import Split
 from .models import TTA, Model, mix_logits
 from .runs import RunDir, RunMetrics, RunRecord
 from .stats import compare, fit_temperature, softmax
-from .train import Tracker, check_tracking, scores
-from . import store
+from .train import Tracker, check_tracking, register_run, scores, write_run
 
 # %% auto #0
 __all__ = ['MAX_SEARCHED_MEMBERS', 'ENSEMBLE_RULES', 'ensemble_weights', 'Mixture', 'fit_mixture', 'make_ensemble',
@@ -177,21 +176,13 @@ def ensemble_stage(profile:str, # the profile (names the report folder)
                          temperatures=mixture.temperatures)
     record = RunRecord(params=params, data_checksum=data.checksum, val_split=sid, n_train=len(data.y_train), n_val=len(data.y_val),
                        n_test=len(data.y_test), git=g, hardware=hw, compute=str(compute))
-    ens.save(run.model_dir)
-    run.save_predictions(zv, zt, tta, data)
-    record.to_json(run.record_path)
-    metrics.to_json(run.metrics_path)
+    write_run(run, ens, metrics, record, {'val_logits': zv, 'test_logits': zt}, data)
     with Tracker(tracking, f"{profile}/{run_name}", params, group='ensemble', job_type='ensemble') as tracker:
         tracker.summary({k_: v for k_, v in metrics.to_dict().items() if k_ != 'history'})
         tracker.artifact(run.model_dir, 'ensemble-model', metadata={'val_acc': metrics.val_acc, 'test_acc': metrics.test_acc})
-    store_root = paths.models if not store_dir else (Path(store_dir) if Path(store_dir).is_absolute() else paths.root/store_dir)
-    card = {'params': params, 'metrics': {k_: getattr(metrics, k_) for k_ in ('val_acc', 'test_acc', 'test_nll', 'train_time_s')},
-            'data_checksum': data.checksum, 'val_split': sid, 'git': g, 'hardware': hw, 'profile': profile, 'run': run_name}
-    version = store.register(run.model_dir, 'ensemble', card, store_dir=store_root)
-    promoted = store.promote(split.dataset, version, store_dir=store_root)
+    version, promoted = register_run(run, 'ensemble', split.dataset, profile, store_dir, root)
     res = EnsembleResult(profile, run_name, str(run.path.relative_to(paths.root)), prov, list(members),
                          {'temperatures': mixture.temperatures, 'weights': mixture.weights, 'weighting': mixture.weighting}, sc, best, cmp,
-                         verdict(cmp), consistency, str(version.relative_to(paths.root)) if version.is_relative_to(paths.root) else str(version),
-                         promoted)
+                         verdict(cmp), consistency, version, promoted)
     res.to_json(run.result_path)
     return res

@@ -20,7 +20,7 @@ from . import store
 __all__ = ['MODEL_KINDS', 'OPTIMIZERS', 'TRACKING_MODES', 'TrainConfig', 'random_crop', 'random_flip', 'random_erase', 'augment',
            'scores', 'model_scores', 'wandb_env', 'check_tracking', 'Tracker', 'make_optimizer', 'make_schedule',
            'train_epoch', 'resumable', 'restore', 'save_checkpoint', 'final_scores', 'write_run', 'Trained', 'train',
-           'TrainResult', 'train_stage']
+           'TrainResult', 'register_run', 'train_stage']
 
 # %% ../nbs/05_train.ipynb #c6
 MODEL_KINDS = ('noskill', 'centroid', 'logreg', 'cnn', 'classic', 'vit')
@@ -476,6 +476,24 @@ class TrainResult(Result):
     promoted: bool      # whether it became the champion
     resumed: bool       # whether training continued from a checkpoint
 
+def register_run(run:RunDir, # a finished run folder
+                 name:str, # the model's name in the store, e.g. 'cnn' or 'ensemble'
+                 dataset:str, # the task the champion is kept for
+                 profile:str, # the profile the run belongs to
+                 store_dir:Path|str|None=None, # model store, absolute or relative to the project (default reports/models/)
+                 root:Path|str|None=None, # project root
+                )->tuple: # (the version folder, relative to the project when inside it; whether it became the champion)
+    "Register a run's model in the store with its card (parameters, metrics, data, commit, hardware) and promote it if it wins on validation."
+    paths = project_paths(root)
+    store_root = paths.models if not store_dir else (Path(store_dir) if Path(store_dir).is_absolute() else paths.root/store_dir)
+    m, rec = run.metrics(), run.record()
+    card = {'params': rec.params, 'metrics': {k: getattr(m, k) for k in ('val_acc', 'test_acc', 'test_nll', 'train_time_s')},
+            'data_checksum': rec.data_checksum, 'val_split': rec.val_split, 'git': rec.git, 'hardware': rec.hardware,
+            'profile': profile, 'run': run.name}
+    version = store.register(run.model_dir, name, card, store_dir=store_root)
+    promoted = store.promote(dataset, version, store_dir=store_root)
+    return (str(version.relative_to(paths.root)) if version.is_relative_to(paths.root) else str(version)), promoted
+
 def train_stage(profile:str, # the profile (names the report folder)
                 run_name:str, # the run folder reports/<profile>/runs/<run_name>/ and the W&B run name
                 cfg:TrainConfig, # the run's parameters
@@ -488,17 +506,11 @@ def train_stage(profile:str, # the profile (names the report folder)
     cfg.check(); check_tracking(tracking)
     paths = project_paths(root)
     run = RunDir(paths.run_dir(profile, run_name))
-    store_root = paths.models if not store_dir else (Path(store_dir) if Path(store_dir).is_absolute() else paths.root/store_dir)
     data = cfg.split.load()
     prov = provenance(seed=cfg.seed, data_checksum=data.checksum, profile=profile, stage='train', run_name=run_name, parameters=asdict(cfg))
     resumed = resume and resumable(cfg, run.path)
     t = train(cfg, run.path, data=data, resume=resumed, tracking=tracking, run_name=f"{profile}/{run_name}", progress=False)
-    card = {'params': t.record.params, 'metrics': {k: getattr(t.metrics, k) for k in ('val_acc', 'test_acc', 'test_nll', 'train_time_s')},
-            'data_checksum': data.checksum, 'val_split': t.record.val_split, 'git': t.record.git, 'hardware': t.record.hardware,
-            'profile': profile, 'run': run_name}
-    version = store.register(run.model_dir, cfg.model, card, store_dir=store_root)
-    promoted = store.promote(cfg.dataset, version, store_dir=store_root)
-    res = TrainResult(profile, run_name, str(run.path.relative_to(paths.root)), prov,
-                      str(version.relative_to(paths.root)) if version.is_relative_to(paths.root) else str(version), promoted, resumed)
+    version, promoted = register_run(t.run, cfg.model, cfg.dataset, profile, store_dir, root)
+    res = TrainResult(profile, run_name, str(run.path.relative_to(paths.root)), prov, version, promoted, resumed)
     res.to_json(run.result_path)
     return res

@@ -1,5 +1,5 @@
 """Models and training: shapes, capacity, determinism, resume, save/load, tracking, bad parameters."""
-import json, os
+import json, os, signal, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
 import pytest
@@ -182,7 +182,6 @@ def test_training_with_tracking_writes_nothing_to_home(smoke_data, tmp_path, mon
 
 def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(smoke_data, tmp_path):
     "A real training process killed with SIGKILL (no cleanup runs) resumes from its last checkpoint to the same result."
-    import signal, subprocess, sys, textwrap
     cfg = dict(SMOKE | {'model': 'cnn', 'widths': [16, 32], 'convs': [1, 1], 'epochs': 6})
     script = textwrap.dedent(f"""
         from fmnist_lib.train import TrainConfig, train

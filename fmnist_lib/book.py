@@ -8,7 +8,7 @@ import hashlib, re, shutil, subprocess, sys, time
 from pathlib import Path
 import nbformat
 from .core import FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json
-from .data import DataReportResult
+from .data import HUMAN_ACCURACY, HUMAN_SOURCE, DataReportResult
 from .evaluate import EvaluateResult
 from .fairness import FairnessResult
 from .pipeline import IPCKernelManager
@@ -16,13 +16,10 @@ from .robustness import RobustnessResult
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['HUMAN_ACCURACY', 'HUMAN_SOURCE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md',
-           'model_card_md', 'library_notebook', 'render_library', 'build']
+__all__ = ['profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'library_notebook',
+           'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
-HUMAN_ACCURACY = 0.835  # crowd-sourced labels on 1,000 test images (the Fashion-MNIST repository's README); not an upper bound
-HUMAN_SOURCE = "human (crowd-sourced, 1,000 test images; Fashion-MNIST README)"
-
 def _index(profile:str, root=None)->dict:
     p = project_paths(root).profile_dir(profile)/'index.json'
     try: return read_json(p)

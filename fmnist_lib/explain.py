@@ -14,10 +14,11 @@ from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, atomic_wr
 from .data import Split, stratified_split
 from .models import Model
 from .runs import RunDir
+from .stats import bootstrap
 
 # %% auto #0
-__all__ = ['METHODS', 'RANDOMIZATION_PASS', 'EXPLAIN_RULES', 'attribute', 'deletion_insertion', 'random_attribution',
-           'rank_correlation', 'randomization_check', 'ExplainResult', 'explain_stage']
+__all__ = ['METHODS', 'RANDOMIZATION_PASS', 'EXPLAIN_RULES', 'attribute', 'deletion_insertion', 'versus_random',
+           'random_attribution', 'rank_correlation', 'randomization_check', 'ExplainResult', 'explain_stage']
 
 # %% ../nbs/09_explain.ipynb #c5
 METHODS = ('ig', 'saliency', 'occlusion', 'gradcam', 'shap')
@@ -71,7 +72,8 @@ def deletion_insertion(model, # a `fmnist_lib.models.Model`
                        target:np.ndarray, # the class whose probability is tracked, per image
                        attr:np.ndarray, # attributions (n, 28, 28); highest-ranked pixels are deleted/inserted first
                        steps:int=16, # equal chunks of the 784 pixels along each curve
-                      )->dict: # {'deletion', 'insertion'}: mean areas under the curves, in [0, 1]
+                       per_image:bool=False, # return each image's areas instead of their means
+                      )->dict: # {'deletion', 'insertion'}: mean areas under the curves in [0, 1] (arrays (n,) with `per_image`)
     "Mean area under the target-probability curve when deleting (lower = more faithful) and inserting (higher) pixels by rank."
     net = model.module.float().cpu().eval()
     n = len(x)
@@ -86,7 +88,17 @@ def deletion_insertion(model, # a `fmnist_lib.models.Model`
             p = F.softmax(net(imgs.reshape(n, 1, 28, 28)).float(), -1)[torch.arange(n), tg]
             out.append(p)
     auc = lambda c: torch.trapezoid(torch.stack(c), dx=1 / steps, dim=0)
+    if per_image: return {'deletion': auc(dele).numpy(), 'insertion': auc(ins).numpy()}
     return {'deletion': float(auc(dele).mean()), 'insertion': float(auc(ins).mean())}
+
+def versus_random(method:dict, # per-image `deletion_insertion` of a method
+                  rand:dict, # per-image `deletion_insertion` of the random ranking on the same images
+                  seed:int=0, # seed of the bootstrap
+                 )->dict: # {'deletion_diff', 'insertion_diff'}: mean differences with 95 % intervals; 'better': bool
+    "Paired bootstrap over images of method minus random: better only when deletion is lower and insertion higher, both intervals excluding 0."
+    dd, di = np.asarray(method['deletion']) - rand['deletion'], np.asarray(method['insertion']) - rand['insertion']
+    bd, bi = (bootstrap(lambda i, v=v: v[i].mean(), len(v), seed=seed) for v in (dd, di))
+    return {'deletion_diff': bd, 'insertion_diff': bi, 'better': bool(bd['hi'] < 0 and bi['lo'] > 0)}
 
 def random_attribution(shape:tuple, # shape of the attributions, e.g. (n, 28, 28)
                        seed:int=0, # seed of the numpy generator
@@ -117,7 +129,7 @@ def randomization_check(model, # a trained `fmnist_lib.models.Model`
     a, b = attribute(model, x, target, method, **kw), attribute(rand, x, target, method, **kw)
     return {'method': method, 'rank_correlation': rank_correlation(a, b)}
 
-# %% ../nbs/09_explain.ipynb #c12
+# %% ../nbs/09_explain.ipynb #c14
 RANDOMIZATION_PASS = 0.5  # |rank correlation| with a random-weights model below this: the attributions depend on the weights
 
 @dataclass
@@ -129,8 +141,9 @@ class ExplainResult(Result):
     vit_run: str          # the ViT run explained ('' for none)
     n_images: int         # test images explained
     ig_seconds: float     # Integrated Gradients over those images
-    faithfulness: dict    # {method: {'deletion', 'insertion'}} against 'random'
-    beats_random: dict    # {method: bool}: lower deletion and higher insertion than random
+    faithfulness: dict    # {method: {'deletion', 'insertion'}} mean areas, beside 'random' on the same images
+    versus_random: dict   # {method: `versus_random`}: paired differences from random with 95 % intervals
+    beats_random: dict    # {method: bool}: deletion lower and insertion higher than random, both intervals excluding 0
     randomization: dict   # {method: rank correlation, trained vs random weights}
     randomization_pass: dict # {method: bool}: |correlation| < RANDOMIZATION_PASS
     gallery_file: str     # npz with the gallery's images, labels, predictions and maps
@@ -170,21 +183,22 @@ def explain_stage(profile:str, # the profile (names the report folder)
             'Grad-CAM': attribute(cnn, x[one], target[one], 'gradcam'), 'SHAP': attribute(cnn, x[one], target[one], 'shap', background=bg)}
     if vit is not None: maps['ViT IG'] = attribute(vit, x[one], vit.predict(x[one]), 'ig')
     rand = random_attribution(x.shape, seed)
-    faith = {'random': deletion_insertion(cnn, x, target, rand, steps)}
+    di = lambda m_, x_, t_, a_: deletion_insertion(m_, x_, t_, a_, steps, per_image=True)
+    per = {'random': di(cnn, x, target, rand)}
     for name, method in (('IG', 'ig'), ('Saliency', 'saliency'), ('Occlusion', 'occlusion'), ('Grad-CAM', 'gradcam')):
-        faith[name] = deletion_insertion(cnn, x, target, ig if method == 'ig' else attribute(cnn, x, target, method), steps)
+        per[name] = di(cnn, x, target, ig if method == 'ig' else attribute(cnn, x, target, method))
     sx, st = x[:shap_images], target[:shap_images]
-    faith['SHAP (first images)'] = deletion_insertion(cnn, sx, st, attribute(cnn, sx, st, 'shap', background=bg), steps)
-    faith['random (same images)'] = deletion_insertion(cnn, sx, st, rand[:shap_images], steps)
+    per['SHAP (first images)'] = di(cnn, sx, st, attribute(cnn, sx, st, 'shap', background=bg))
+    per['random (same images)'] = di(cnn, sx, st, rand[:shap_images])
+    vs = {k: versus_random(per[k], per['random'], seed) for k in ('IG', 'Saliency', 'Occlusion', 'Grad-CAM')}
+    vs['SHAP'] = versus_random(per['SHAP (first images)'], per['random (same images)'], seed)
     if vit is not None:
         vt = vit.predict(x)
-        faith['ViT IG'] = deletion_insertion(vit, x, vt, attribute(vit, x, vt, 'ig'), steps)
-        faith['ViT random'] = deletion_insertion(vit, x, vt, rand, steps)
-    beats = {k: faith[k]['deletion'] < faith['random']['deletion'] and faith[k]['insertion'] > faith['random']['insertion']
-             for k in ('IG', 'Saliency', 'Occlusion', 'Grad-CAM')}
-    if 'SHAP (first images)' in faith:
-        f_, r_ = faith['SHAP (first images)'], faith['random (same images)']
-        beats['SHAP'] = f_['deletion'] < r_['deletion'] and f_['insertion'] > r_['insertion']
+        per['ViT IG'] = di(vit, x, vt, attribute(vit, x, vt, 'ig'))
+        per['ViT random'] = di(vit, x, vt, rand)
+        vs['ViT IG'] = versus_random(per['ViT IG'], per['ViT random'], seed)
+    faith = {k: {c: float(np.mean(v[c])) for c in ('deletion', 'insertion')} for k, v in per.items()}
+    beats = {k: v['better'] for k, v in vs.items()}
     san = {m: randomization_check(cnn, x[:50], target[:50], m, seed)['rank_correlation'] for m in ('ig', 'saliency', 'gradcam')}
     gallery = out/'explain_gallery.npz'
     with atomic_write(gallery) as f:
@@ -192,7 +206,7 @@ def explain_stage(profile:str, # the profile (names the report folder)
     prov = provenance(seed=seed, data_checksum=data.checksum, profile=profile, stage='explain',
                       parameters=dict(cnn_run=cnn_run, vit_run=vit_run, n_images=n_images, shap_images=shap_images,
                                       shap_background=shap_background, steps=steps, **split.__dict__))
-    res = ExplainResult(profile, prov, cnn_run, vit_run, len(x), round(t_ig, 2), faith, beats, san,
+    res = ExplainResult(profile, prov, cnn_run, vit_run, len(x), round(t_ig, 2), faith, vs, beats, san,
                         {m: abs(v) < RANDOMIZATION_PASS for m, v in san.items()}, gallery.name, round(time.perf_counter() - t0, 1))
     res.to_json(out/'explain.json')
     return res

@@ -30,8 +30,9 @@ class RunMetrics(Result):
     epochs_run: int = 0                  # epochs trained (0 for an ensemble)
     best_epoch: int = 0                  # the epoch whose weights were kept (chosen on validation)
     val_acc_selection: float|None = None # single-view validation accuracy that chose the epoch
-    time_to_90_val_s: float|None = None  # training seconds until validation accuracy first reached 90 %
+    time_to_90_val_s: float|None = None  # training seconds until validation accuracy first reached 90 % (at epoch ends and probes)
     history: list = field(default_factory=list)      # one record per epoch
+    val_curve: list = field(default_factory=list)    # single-view validation accuracy every `probe_every` steps until it reached `probe_until` (`train`)
     members: list = field(default_factory=list)      # an ensemble's member runs
     weights: list = field(default_factory=list)      # an ensemble's member weights
     temperatures: list = field(default_factory=list) # an ensemble's member temperatures

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_sweep.ipynb #c3
 from __future__ import annotations
-import csv, hashlib, itertools, json, math, os, random, re, socket, tempfile, time
+import csv, hashlib, itertools, json, math, os, random, re, secrets, socket, tempfile, time
 from pathlib import Path
 import yaml
 from .core import FmnistError, atomic_write, file_lock, get_logger, project_paths, read_json, utc_now, write_json
@@ -117,9 +117,15 @@ def ray_temp_dir(root=None)->Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-def ray_env(root=None)->dict:
-    "Environment that keeps Ray's files in the project and its usage statistics off."
-    return {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')}
+def ray_env(root=None, # project root (unused; kept for callers)
+            embedded:bool=True, # for a Ray this process starts (else for joining a cluster)
+           )->dict: # variables to set before importing ray
+    "Usage statistics off; an embedded Ray on 127.0.0.1 only, with a per-session token unless `RAY_AUTH_MODE` says otherwise."
+    env = {'RAY_USAGE_STATS_ENABLED': '0'}
+    if not embedded: return env | {'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')}
+    env['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'   # node address 127.0.0.1: every server binds loopback
+    if 'RAY_AUTH_MODE' not in os.environ: env |= {'RAY_AUTH_MODE': 'token', 'RAY_AUTH_TOKEN': os.environ.get('RAY_AUTH_TOKEN') or secrets.token_hex(32)}
+    return env
 
 def _check_address(address:str, timeout:float=5.0):
     host, _, port = address.rpartition(':')
@@ -146,15 +152,21 @@ def connect(address:str|None=None, # host:port of a running cluster; None = $RAY
             root=None, # project root (an embedded Ray keeps its files in its .ray/)
            ):
     "Initialise Ray for this process; return ray."
-    os.environ.update(ray_env(root))
+    address = address or os.environ.get('RAY_ADDRESS') or None
+    embedded = not address or address == 'auto'
+    os.environ.update(ray_env(root, embedded))
     import ray  # Ray is heavy to import: only sweeps need it
     if ray.is_initialized(): return ray
-    address = address or os.environ.get('RAY_ADDRESS') or None
-    if address and address != 'auto':
+    if not embedded:
         _check_address(address)
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp_dir(root)))
+        return ray
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=str(ray_temp_dir(root)))
+    ip = ray.util.get_node_ip_address()
+    if ip not in ('127.0.0.1', '::1'):
+        ray.shutdown()
+        raise SweepError(f"embedded Ray: expected it to listen on 127.0.0.1 only, found node address {ip}; ray was imported before "
+                         "fmnist_lib.sweep.connect set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (restart the kernel, or start a cluster and pass its address)")
     return ray
 
 # %% ../nbs/14_sweep.ipynb #c14

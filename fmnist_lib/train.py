@@ -19,8 +19,8 @@ from . import store
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'OPTIMIZERS', 'TRACKING_MODES', 'TrainConfig', 'random_crop', 'random_flip', 'random_erase', 'augment',
            'scores', 'model_scores', 'wandb_env', 'check_tracking', 'Tracker', 'make_optimizer', 'make_schedule',
-           'train_epoch', 'resumable', 'restore', 'save_checkpoint', 'final_scores', 'write_run', 'Trained', 'train',
-           'TrainResult', 'register_run', 'train_stage']
+           'train_epoch', 'resumable', 'restore', 'save_checkpoint', 'final_scores', 'write_run', 'time_to', 'Trained',
+           'train', 'TrainResult', 'register_run', 'train_stage']
 
 # %% ../nbs/05_train.ipynb #c6
 MODEL_KINDS = ('noskill', 'centroid', 'logreg', 'cnn', 'classic', 'vit')
@@ -278,11 +278,13 @@ def train_epoch(net:nn.Module, # the network, on `compute.device`
                 weights:torch.Tensor|None=None, # per-image loss weights (mean 1), or None
                 progress:bool=False, # a progress bar
                 desc:str='epoch', # the progress bar's label
+                probe=None, # f(steps done in this epoch, training seconds so far in it), called every `probe_every` steps
+                probe_every:int=0, # steps between probes; 0: none (the time a probe takes is not training time)
                )->dict: # {'loss', 'acc', 'seconds', 'lr', 'steps'}
     "One pass over shuffled batches: augment, forward under autocast, step the optimizer and the schedule."
     from tqdm import tqdm  # the terminal bar: tqdm.auto warns about ipywidgets in every kernel, with a site-packages path
     net.train()
-    t = time.perf_counter()
+    t, seconds = time.perf_counter(), 0.0
     n = len(y); bs = min(batch_size, n); steps = n // bs
     perm = torch.randperm(n, generator=gen)
     loss_sum, correct, lr = torch.zeros(()), torch.zeros((), dtype=torch.long), None
@@ -302,7 +304,12 @@ def train_epoch(net:nn.Module, # the network, on `compute.device`
         opt.step(); sched.step()
         loss_sum += loss.detach().cpu(); correct += (logits.argmax(1) == yb).sum().cpu()
         if progress and i % 20 == 0: bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", acc=f"{correct.item() / ((i + 1) * bs):.3f}")
-    return {'loss': loss_sum.item() / max(steps, 1), 'acc': correct.item() / max(steps * bs, 1), 'seconds': time.perf_counter() - t,
+        if probe is not None and probe_every and (i + 1) % probe_every == 0 and i + 1 < steps:
+            seconds += time.perf_counter() - t
+            probe(i + 1, seconds)
+            net.train(); t = time.perf_counter()
+    seconds += time.perf_counter() - t
+    return {'loss': loss_sum.item() / max(steps, 1), 'acc': correct.item() / max(steps * bs, 1), 'seconds': seconds,
             'lr': lr, 'steps': steps}
 
 # %% ../nbs/05_train.ipynb #c21
@@ -324,7 +331,7 @@ def restore(ckpt:Path, # the checkpoint file
             opt:torch.optim.Optimizer, # its optimizer, to load the state into
             sched, # its learning-rate schedule, to load the state into
             gen:torch.Generator, # the batch-order and augmentation generator, to set the state of
-           )->dict|None: # {'epoch', 'history', 'train_time_s', 'best'}, or None to start afresh
+           )->dict|None: # {'epoch', 'history', 'curve', 'train_time_s', 'best'}, or None to start afresh
     "Load an unfinished checkpoint of the same parameters into the training state."
     try: s = torch.load(ckpt, weights_only=True, map_location='cpu')
     except Exception as e: raise FmnistError(f"{ckpt}: expected a training checkpoint, found an unreadable file ({type(e).__name__}: {e})") from None
@@ -334,7 +341,7 @@ def restore(ckpt:Path, # the checkpoint file
         get_logger('train').info(f"{ckpt} is of a finished run; training from scratch"); return None
     net.load_state_dict(s['model']); opt.load_state_dict(s['optimizer']); sched.load_state_dict(s['scheduler'])
     gen.set_state(s['gen']); torch.set_rng_state(s['torch_rng'])
-    return {'epoch': s['epoch'], 'history': s['history'], 'train_time_s': s['train_time_s'],
+    return {'epoch': s['epoch'], 'history': s['history'], 'curve': s.get('curve', []), 'train_time_s': s['train_time_s'],
             'best': {'val_acc': s['best_val_acc'], 'epoch': s['best_epoch'], 'state': s['best_state']}}
 
 def save_checkpoint(ckpt:Path, # the checkpoint file (replaced atomically)
@@ -347,12 +354,13 @@ def save_checkpoint(ckpt:Path, # the checkpoint file (replaced atomically)
                     history:list, # per-epoch records so far
                     train_time_s:float, # seconds in training so far
                     best:dict, # {'val_acc', 'epoch', 'state'} of the best validation epoch so far
+                    curve:list=(), # mid-epoch validation probes so far
                    ):
     "Write everything `restore` needs to continue exactly where this epoch ended."
     state = {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
              'gen': gen.get_state(), 'torch_rng': torch.get_rng_state(), 'epoch': epoch, 'history': history,
              'train_time_s': train_time_s, 'best_val_acc': best['val_acc'], 'best_epoch': best['epoch'],
-             'best_state': best['state'], 'params': _checkpoint_params(cfg)}
+             'best_state': best['state'], 'params': _checkpoint_params(cfg), 'curve': list(curve)}
     with atomic_write(ckpt) as f: torch.save(state, f)
 
 # %% ../nbs/05_train.ipynb #c22
@@ -380,6 +388,12 @@ def write_run(run:RunDir, # the run folder
     metrics.to_json(run.metrics_path)
 
 # %% ../nbs/05_train.ipynb #c23
+def time_to(records:list, # dicts with 'train_time_s' and 'val_acc' (epoch ends, probes)
+            acc:float, # the validation accuracy to reach, in [0, 1]
+           )->float|None: # None when it was never reached
+    "Training seconds until validation accuracy first reached `acc`."
+    return min((r['train_time_s'] for r in records if r['val_acc'] >= acc), default=None)
+
 @dataclass
 class Trained:
     "What `train` returns: the run folder, its metrics and record, and the model."
@@ -396,6 +410,8 @@ def train(cfg:TrainConfig, # what to train and how
           run_name:str|None=None, # the W&B run name (default: the folder name)
           progress:bool=True, # a progress bar per epoch
           on_epoch_end=None, # called as f(epoch, record) after each checkpoint; tests use it to interrupt
+          probe_every:int=0, # also check validation accuracy every this many steps inside epochs (0: at epoch ends only)
+          probe_until:float=0.90, # stop those mid-epoch checks once validation accuracy reaches this
          )->Trained: # the run folder, its metrics and record, and the model with the selected epoch's weights
     "Train `cfg.model`, select the epoch on validation, score the test set once, write the run folder."
     cfg.check(); check_tracking(tracking)
@@ -413,7 +429,7 @@ def train(cfg:TrainConfig, # what to train and how
     params = asdict(cfg) | {'compute': str(compute)}
     xtr, ytr = torch.from_numpy(data.x_train).unsqueeze(1), torch.from_numpy(data.y_train)
     nan = {'acc': float('nan'), 'nll': float('nan')}
-    history, train_time, best = [], 0.0, {'val_acc': -1.0, 'epoch': -1, 'state': None}
+    history, curve, train_time, best = [], [], 0.0, {'val_acc': -1.0, 'epoch': -1, 'state': None}
     with Tracker(tracking, run_name or run.name, params, group=cfg.model) as tracker:
         if getattr(net, 'closed_form', False):
             t = time.perf_counter(); net.fit(to_input(xtr), ytr); train_time = time.perf_counter() - t
@@ -428,20 +444,26 @@ def train(cfg:TrainConfig, # what to train and how
             start = 0
             s = restore(run.checkpoint_path, cfg, net, opt, sched, gen) if resume and run.checkpoint_path.is_file() else None
             if s is not None:
-                start, history, train_time, best = s['epoch'], s['history'], s['train_time_s'], s['best']
+                start, history, curve, train_time, best = s['epoch'], s['history'], s['curve'], s['train_time_s'], s['best']
                 log.info(f"resuming {run.path} after epoch {start}")
+            def probe(step, seconds, epoch):  # a mid-epoch look at validation: time-to-accuracy at step resolution
+                a = model_scores(model, data.x_val, data.y_val, compute)['acc']
+                curve.append({'step': epoch * steps + step, 'train_time_s': round(train_time + seconds, 3), 'val_acc': a})
             for epoch in range(start, cfg.epochs):
+                probing = probe_every > 0 and len(data.y_val) > 0 and not any(c['val_acc'] >= probe_until for c in curve + history)
                 e = train_epoch(net, opt, sched, xtr, ytr, cfg.batch_size, gen, lambda x, g: augment(x, cfg, g), compute,
-                                cfg.label_smoothing, progress=progress, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}")
+                                cfg.label_smoothing, progress=progress, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+                                probe=(lambda st, sec, ep=epoch: probe(st, sec, ep)) if probing else None, probe_every=probe_every)
                 train_time += e['seconds']
                 # per-epoch selection looks at the plain images (one view, cheap); the final scores use the full `tta`
                 v = model_scores(model, data.x_val, data.y_val, compute) if len(data.y_val) else nan
                 rec = {'epoch': epoch + 1, 'train_time_s': round(train_time, 3), 'train_loss': e['loss'], 'train_acc': e['acc'],
                        'val_acc': v['acc'], 'val_nll': v['nll'], 'lr': e['lr']}
+                if probing: curve.append({'step': (epoch + 1) * steps, 'train_time_s': rec['train_time_s'], 'val_acc': v['acc']})
                 history.append(rec)
                 if not v['acc'] <= best['val_acc']:  # also true for the first epoch and for NaN (no validation split)
                     best = {'val_acc': v['acc'], 'epoch': epoch + 1, 'state': {k: t_.detach().clone() for k, t_ in net.state_dict().items()}}
-                save_checkpoint(run.checkpoint_path, cfg, net, opt, sched, gen, epoch + 1, history, train_time, best)
+                save_checkpoint(run.checkpoint_path, cfg, net, opt, sched, gen, epoch + 1, history, train_time, best, curve)
                 tracker.log({k: v_ for k, v_ in rec.items() if k != 'epoch'}, step=epoch + 1)
                 log.info(f"{cfg.model} epoch {rec['epoch']}/{cfg.epochs}: loss {rec['train_loss']:.3f}, "
                          f"val acc {rec['val_acc']:.4f}, {rec['train_time_s']:.0f} s")
@@ -452,8 +474,7 @@ def train(cfg:TrainConfig, # what to train and how
         metrics = RunMetrics(model=cfg.model, n_params=model.n_params, val_acc=fs['val']['acc'], test_acc=fs['test']['acc'],
                              test_nll=fs['test']['nll'], tta=tta, train_time_s=round(train_time, 2),
                              wall_time_s=round(time.perf_counter() - t_start, 2), epochs_run=len(history), best_epoch=best['epoch'],
-                             val_acc_selection=best['val_acc'], time_to_90_val_s=next((h['train_time_s'] for h in history if h['val_acc'] >= 0.90), None),
-                             history=history)
+                             val_acc_selection=best['val_acc'], time_to_90_val_s=time_to(curve + history, 0.90), history=history, val_curve=curve)
         g = git_info()
         record = RunRecord(params=params, data_checksum=data.checksum, val_split=cfg.split.id(data.checksum), n_train=len(data.y_train),
                            n_val=len(data.y_val), n_test=len(data.y_test), git=g, hardware=hardware_info(), compute=str(compute))
@@ -464,7 +485,7 @@ def train(cfg:TrainConfig, # what to train and how
         if tracker.dir: write_json(run.tracking_path, {'mode': tracking, 'run_dir': str(tracker.dir), 'run_id': tracker.run.id})
     return Trained(run, metrics, record, model)
 
-# %% ../nbs/05_train.ipynb #c27
+# %% ../nbs/05_train.ipynb #c29
 @dataclass
 class TrainResult(Result):
     "The train stage's result, in the run's result.json: where the run and its model went. Its numbers live in the run's metrics.json."

@@ -23,13 +23,26 @@ def test_integrated_gradients_beats_random_on_deletion(smoke):
     assert ig['insertion'] > rnd['insertion'], (ig, rnd)
 
 
-@pytest.mark.parametrize('method', ['saliency', 'gradcam'])
-def test_attributions_of_a_randomized_model_differ(method, smoke):
-    "The model-randomization check: a re-initialized network's attributions must not rank pixels like the trained one's."
+@pytest.mark.parametrize('method, passes', [('saliency', True), ('gradcam', True), ('ig', False)])
+def test_the_randomization_check_with_the_pages_threshold(method, passes, smoke):
+    """The model-randomization check (Adebayo et al., 2018) with the explainability page's own threshold, `RANDOMIZATION_PASS`:
+    Saliency and Grad-CAM change when the weights are re-initialized; Integrated Gradients does not (its maps stay close to the
+    input times a gradient), which the page reports as a failure. Three re-initializations, so one lucky seed cannot decide."""
     data, model = smoke
     x, t = data.x_test[:20], model.predict(data.x_test[:20])
-    r = ex.randomization_check(model, x, t, method)['rank_correlation']
-    assert r < 0.8, f"{method}: rank correlation {r:.2f} with a random model"
+    r = [ex.randomization_check(model, x, t, method, seed=s)['rank_correlation'] for s in (0, 1, 2)]
+    assert all((abs(v) < ex.RANDOMIZATION_PASS) == passes for v in r), f"{method}: rank correlations {r}, threshold {ex.RANDOMIZATION_PASS}"
+
+
+def test_faithfulness_against_random_needs_an_interval_that_excludes_zero(smoke):
+    "Occlusion beats the random ranking with paired intervals clear of 0; the random ranking against another random ranking does not."
+    data, model = smoke
+    x, t = data.x_test[:60], model.predict(data.x_test[:60])
+    di = lambda a: ex.deletion_insertion(model, x, t, a, per_image=True)
+    rnd = di(ex.random_attribution(x.shape, 0))
+    assert ex.versus_random(di(ex.attribute(model, x, t, 'occlusion')), rnd)['better']
+    other = ex.versus_random(di(ex.random_attribution(x.shape, 1)), rnd)
+    assert not other['better'], other
 
 
 @pytest.mark.parametrize('name', list(rb.CORRUPTIONS))

@@ -196,3 +196,34 @@ def test_an_unreachable_cluster_address_fails_fast():
         _check_address(f'127.0.0.1:{port}', timeout=2)
     with pytest.raises(SweepError, match="expected host:port, found 'nowhere'"):
         _check_address('nowhere')
+
+
+def test_an_embedded_ray_listens_on_loopback_only_with_a_token_and_writes_nothing_to_home(tmp_path):
+    """Ray as `fmnist sweep` and `fmnist tune` start it (`connect`), on this machine's real network (no namespace):
+    every socket its processes listen on is loopback, token authentication is on, and $HOME stays empty."""
+    home = tmp_path / 'home'
+    home.mkdir()
+    script = textwrap.dedent('''
+        import json, os, psutil
+        from fmnist_lib.sweep import connect
+        ray = connect(num_cpus=1)
+        @ray.remote
+        def twice(x): return 2 * x
+        assert ray.get(twice.remote(21)) == 42
+        procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+        socks = sorted({(p.name(), c.laddr.ip) for p in procs for c in p.net_connections(kind='inet') if c.status == psutil.CONN_LISTEN})
+        print(json.dumps({'sockets': socks, 'auth': os.environ.get('RAY_AUTH_MODE'), 'processes': len(procs)}))
+        ray.shutdown()
+    ''')
+    env = {k: v for k, v in os.environ.items() if not k.startswith('RAY_')} | {
+        'HOME': str(home), 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fml-{tmp_path.name[-12:]}')}
+    r = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    names = {n for n, _ in out['sockets']}
+    assert {'gcs_server', 'raylet'} <= names, f"expected Ray's servers among the listening processes, found {out}"
+    exposed = [s for s in out['sockets'] if s[1] not in ('127.0.0.1', '::ffff:127.0.0.1', '::1')]
+    assert exposed == [], f"Ray listens beyond loopback: {exposed}"
+    assert out['auth'] == 'token'
+    assert files_under(home) == [], "Ray wrote into $HOME"
+    shutil.rmtree(env['FMNIST_RAY_TMP'], ignore_errors=True)

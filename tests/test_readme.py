@@ -1,0 +1,38 @@
+"""The README's results are the newest committed benchmark record's, word for word (`fmnist bench --readme` writes them)."""
+from pathlib import Path
+import pytest
+from fmnist_lib.bench import check_record, readme_block, records, results_md
+from fmnist_lib.core import FmnistError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_results_are_generated_from_the_newest_default_record():
+    recs = records('default', REPO)
+    assert recs, "benchmarks/: expected at least one committed record of the default profile (run `fmnist bench --profile default`)"
+    path, rec = recs[-1]
+    assert rec['git']['commit'] and rec['seeds'] and rec['hardware']['cores'] >= 1
+    block = readme_block((REPO / 'README.md').read_text())
+    assert block == results_md(rec, path.name).strip('\n'), \
+        f"README.md's results differ from {path.name}: run `fmnist bench --readme` (never edit the generated block by hand)"
+
+
+def test_every_record_traces_to_a_commit_of_this_repository():
+    import subprocess
+    for path, rec in records(root=REPO):
+        c = rec['git']['commit']
+        r = subprocess.run(['git', '-C', str(REPO), 'cat-file', '-e', f'{c}^{{commit}}'], capture_output=True)
+        assert r.returncode == 0, f"{path.name}: commit {c} is not in this repository's history"
+
+
+def test_a_damaged_record_is_an_error_naming_it(tmp_path):
+    (tmp_path / 'settings.ini').write_text('lib_name = fmnist_lib\n')
+    (tmp_path / 'benchmarks').mkdir()
+    (tmp_path / 'benchmarks' / 'bad.json').write_text('{"type": "benchmark", "profile": "default"}')
+    with pytest.raises(FmnistError, match=r'bad\.json: expected a benchmark record with .*found .*started_at'):
+        records('default', tmp_path)
+    with pytest.raises(FmnistError, match='README.md: expected the generated-results markers'):
+        readme_block('# a README without markers\n')
+    with pytest.raises(FmnistError, match='hardware.cpu'):
+        check_record({'type': 'benchmark', 'profile': 'x', 'started_at': 'x', 'git': {}, 'hardware': {}, 'compute': 'cpu', 'seeds': [0],
+                      'data_checksum': 'x', 'runs': [], 'ensembles': [], 'classic': []})

@@ -140,7 +140,7 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
     recipes = {k: next((c for c in cfgs.values() if c.model == k), None) for k in ('cnn', 'vit', 'noskill', 'centroid', 'logreg')}
     if not recipes['cnn'] or not recipes['vit']: raise FmnistError(f"profile {profile}: expected train runs with model cnn and vit, found {list(cfgs)}")
     data = recipes['cnn'].split.load()
-    started, t_all = utc_now(), time.perf_counter()
+    started, t_all, git = utc_now(), time.perf_counter(), git_info()   # the code that runs is the code checked out now
     runs, logits, ensembles, classic = [], {}, [], []
     for kind in ('noskill', 'centroid', 'logreg'):
         if recipes[kind]:
@@ -167,7 +167,7 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
             ensembles.append(_ensemble_row(name, ms, [logits[m] for m in ms], [by[m] for m in ms], data))
             echo(f"  ensemble of {name}: test {100 * ensembles[-1]['test_acc']:.2f} %")
     hw = hardware_info()
-    record = {'type': 'benchmark', 'profile': profile, 'started_at': started, 'finished_at': utc_now(), 'git': git_info(), 'hardware': hw,
+    record = {'type': 'benchmark', 'profile': profile, 'started_at': started, 'finished_at': utc_now(), 'git': git, 'hardware': hw,
               'compute': str(pick_compute(recipes['cnn'].device, recipes['cnn'].precision)), 'seeds': list(seeds), 'data_checksum': data.checksum,
               'probe_images': PROBE_IMAGES, 'runs': runs, 'ensembles': ensembles, 'classic': classic,
               'pipeline': pipeline_figures(profile) if pipeline else None, 'wall_time_s': round(time.perf_counter() - t_all, 1),

@@ -90,8 +90,15 @@ nbval: smoke
 	$(BIN)/python -m pytest -p no:cacheprovider --nbval reports/smoke/[0-9]*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # JupyterLab on 127.0.0.1 only; as root (containers, these machines) it needs --allow-root or it stops at once
-lab: setup
-	$(BIN)/jupyter lab --notebook-dir=. --ip=127.0.0.1 --no-browser $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+# JupyterLab settings a newcomer wants (no news pop-up, the project kernel started by itself): .jupyter/overrides.json,
+# installed into the venv where JupyterLab reads overrides. LAB_ARGS passes more options, e.g. LAB_ARGS=--port=8890.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+LAB_ARGS ?=
+$(LAB_OVERRIDES): .jupyter/overrides.json $(STAMP)
+	@mkdir -p $(@D) && cp $< $@
+
+lab: setup $(LAB_OVERRIDES)
+	$(BIN)/jupyter lab --notebook-dir=. --ip=127.0.0.1 --no-browser $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 # `clean` removes what `make all` / `make test` rebuild: the profiles' reports, caches and the site. It keeps
 # the model store (reports/models: every registered version and the champions) and the results of long

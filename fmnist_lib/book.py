@@ -4,9 +4,10 @@
 
 # %% ../nbs/13_book.ipynb #c3
 from __future__ import annotations
-import hashlib, re, shutil, subprocess, sys, time
+import hashlib, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 import nbformat
+from .bench import pipeline_figures, pipeline_md, records
 from .core import FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, DataReportResult
 from .evaluate import EvaluateResult
@@ -16,8 +17,8 @@ from .robustness import RobustnessResult
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'library_notebook',
-           'render_library', 'build']
+__all__ = ['profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'findings_md', 'changes_md',
+           'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -160,7 +161,34 @@ def model_card_md(profile:str, # the profile
     out.append("**Parameters.** " + ', '.join(f"`{k}={params[k]}`" for k in keep if k in params))
     return '\n\n'.join(out) + '\n'
 
-# %% ../nbs/13_book.ipynb #c12
+# %% ../nbs/13_book.ipynb #c10
+def findings_md(profile:str, # the profile
+                root:Path|str|None=None, # project root
+               )->str: # Markdown
+    "The findings of `profile`'s evaluation, fairness, explainability and robustness results, each with its statistic and source."
+    p = pipeline_figures(profile, root)
+    if p is None: return f"*The evaluation of profile `{profile}` has not run yet.*\n"
+    return pipeline_md(p).split('\n\n', 1)[1] + '\n'
+
+def changes_md(root:Path|str|None=None, # project root
+              )->str: # Markdown
+    "Every committed benchmark record, newest first: when, which commit and machine, and its headline figures."
+    recs = records(root=root)
+    if not recs: return "*No benchmark record is committed yet: run `fmnist bench --profile default` and commit `benchmarks/`.*\n"
+    med = lambda rows, k: statistics.median([x[k] for x in rows if x.get(k) is not None] or [float('nan')])
+    pct = lambda v: '—' if v != v else f"{100 * v:.2f} %"
+    lines = ['| record | profile | commit | machine | seeds | CNN test accuracy (median) | ViT (median) | best ensemble | CNN time to 90 % (median) |',
+             '|---|---|---|---|---:|---:|---:|---:|---:|']
+    for path, r in reversed(recs):
+        cnn, vit = [x for x in r['runs'] if x['model'] == 'cnn'], [x for x in r['runs'] if x['model'] == 'vit']
+        ens = max(r['ensembles'], key=lambda e: e['test_acc'], default=None)
+        t90 = med(cnn, 'time_to_90_val_s')
+        lines.append(f"| `{path.name}` | {r['profile']} | `{(r['git'].get('commit') or '?')[:7]}`{' (uncommitted changes)' if r['git'].get('dirty') else ''} | "
+                     f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores | {len(r['seeds'])} | {pct(med(cnn, 'test_acc'))} | {pct(med(vit, 'test_acc'))} | "
+                     f"{pct(ens['test_acc']) + ' (' + ens['name'] + ')' if ens else '—'} | {'—' if t90 != t90 else f'{t90:.0f} s'} |")
+    return '\n'.join(lines) + "\n\nSources: `benchmarks/*.json` in the repository, each written by `fmnist bench` and committed.\n"
+
+# %% ../nbs/13_book.ipynb #c14
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s*(\w[\w-]*)(.*)$')
 
 def _directives(src:str)->dict:
@@ -201,7 +229,7 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
     head.metadata['tags'] = ['remove-cell']
     return nbformat.v4.new_notebook(cells=[head] + cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
 
-# %% ../nbs/13_book.ipynb #c13
+# %% ../nbs/13_book.ipynb #c15
 def render_library(dest:Path, # where the executed copies go
                    root:Path|str|None=None, # project root
                    echo=print, # where progress lines go
@@ -234,7 +262,7 @@ def render_library(dest:Path, # where the executed copies go
         done.append(target)
     return done
 
-# %% ../nbs/13_book.ipynb #c15
+# %% ../nbs/13_book.ipynb #c17
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the reports of the profile's current jobs (its index) into the book, titling run reports with their run name."
     src = project_paths(root).profile_dir(profile)
@@ -309,7 +337,8 @@ def build(profile:str='default', # whose reports to publish
     _sweep_pages(book/'sweeps', root)
     render_library(book/'library', root, echo)
     gen = book/'_generated'; gen.mkdir(exist_ok=True)
-    for name, f in (('results', results_md), ('kpis', kpis_md), ('data_card', data_card_md), ('model_card', model_card_md)):
+    for name, f in (('results', results_md), ('kpis', kpis_md), ('data_card', data_card_md), ('model_card', model_card_md),
+                    ('findings', findings_md), ('changes', lambda _, r: changes_md(r))):
         with atomic_write(gen/f'{name}.md', 'w') as o: o.write(f(profile, root))
     exe = Path(sys.executable).parent/'jupyter-book'
     cmd = [str(exe) if exe.exists() else 'jupyter-book', 'build', str(book), '--builder', 'html'] + (['-W', '-n', '--keep-going'] if strict else [])

@@ -275,7 +275,8 @@ def _provenance_cell(job:Job, wall:float, data_checksum:str|None):
             ('seed', eff.get('seed', '—')), ('wall time', f"{wall:.1f} s"),
             ('finished', utc_now())]
     params = ', '.join(f"`{k}={v!r}`" for k, v in eff.items())
-    md = '**Provenance**\n\n| | |\n|---|---|\n' + '\n'.join(f"| {k} | {v} |" for k, v in rows) + f"\n\nParameters (profile and overrides on top of the notebook's defaults): {params}"
+    md = ('<details><summary><b>Provenance</b>: commit, data, hardware, parameters</summary>\n\n| | |\n|---|---|\n'
+          + '\n'.join(f"| {k} | {v} |" for k, v in rows) + f"\n\nParameters (profile and overrides on top of the notebook's defaults): {params}\n\n</details>")
     c = nbformat.v4.new_markdown_cell(md); c.metadata['tags'] = ['provenance']
     return c
 

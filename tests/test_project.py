@@ -182,3 +182,11 @@ def test_nbval_ignores_only_what_varies_and_says_why(nb):
     for c in cells:
         first = ''.join(c['source']).splitlines()[0]
         assert first.startswith('# nbval-ignore-output: '), f"{nb.name}: an ignored cell must open with '# nbval-ignore-output: <reason>'"
+
+
+@pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_code_is_collapsed_on_the_site_except_the_parameters(nb):
+    "Readers see findings and figures first: every code cell but the parameters cell carries Jupyter Book's hide-input tag."
+    cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+    wrong = [c['source'][:1] for c in cells if ('parameters' in c['metadata'].get('tags', [])) == ('hide-input' in c['metadata'].get('tags', []))]
+    assert not wrong, f"{nb.name}: expected hide-input on every code cell except the parameters cell, found {wrong}"

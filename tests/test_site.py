@@ -173,3 +173,17 @@ def test_published_pages_and_reports_hold_no_machine_details(site):
         found += [f"{f.relative_to(REPO)}: {what}" for s, what in leaks.items() if s in text]
         found += [f"{f.relative_to(REPO)}: e-mail {m}" for m in set(email.findall(text))]
     assert not found, f"{len(found)} leaks, e.g. {found[:10]}"
+
+
+def test_home_findings_what_changed_and_collapsed_code(site):
+    "Home carries the findings generated from the results; 'What changed' lists the committed records; report code is collapsed."
+    from fmnist_lib.bench import records
+    import html as h
+    text = lambda p: h.unescape(re.sub(r'<[^>]+>', '', (HTML / p).read_text()))
+    home = text('index.html')
+    assert 'Findings' in home and 'Calibration by temperature scaling fitted on validation' in home, home[:2000]
+    changes, recs = text('changes.html'), records(root=REPO)
+    assert (recs[-1][0].name in changes) if recs else ('No benchmark record is committed yet' in changes)
+    rep = (HTML / 'reports' / '03_ensemble.html').read_text()
+    assert 'above-input' in rep, "code cells of reports should be collapsed (hide-input)"
+    assert re.search(r'<details>\s*<summary><b>Provenance</b>', rep), "the provenance block should be collapsible"

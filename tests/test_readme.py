@@ -21,7 +21,7 @@ def test_every_record_traces_to_a_commit_of_this_repository():
     import subprocess
     for path, rec in records(root=REPO):
         c = rec['git']['commit']
-        r = subprocess.run(['git', '-C', str(REPO), 'cat-file', '-e', f'{c}^{{commit}}'], capture_output=True)
+        r = subprocess.run(['git', '-C', str(REPO), 'cat-file', '-e', f'{c}^{{commit}}'], check=False, capture_output=True)
         assert r.returncode == 0, f"{path.name}: commit {c} is not in this repository's history"
 
 

@@ -35,7 +35,7 @@ def in_netns(script: str, root: Path, timeout=600) -> subprocess.CompletedProces
     env = os.environ | {'HOME': str(home), 'FMNIST_ROOT': str(root), 'PATH': f"{BIN}:{os.environ['PATH']}", 'RAY_USAGE_STATS_ENABLED': '0',
                         'RAY_AUTH_MODE': 'disabled', 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fmr-{root.parent.name[-12:]}')}
     env.pop('RAY_ADDRESS', None)
-    return subprocess.run(['unshare', '-n', 'bash', '-c', 'set -e; ip link set lo up; ' + script], env=env, capture_output=True,
+    return subprocess.run(['unshare', '-n', 'bash', '-c', 'set -e; ip link set lo up; ' + script], env=env, check=False, capture_output=True,
                           text=True, timeout=timeout, cwd=root)
 
 
@@ -217,7 +217,7 @@ def test_an_embedded_ray_listens_on_loopback_only_with_a_token_and_writes_nothin
     ''')
     env = {k: v for k, v in os.environ.items() if not k.startswith('RAY_')} | {
         'HOME': str(home), 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fml-{tmp_path.name[-12:]}')}
-    r = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-c', script], env=env, check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     names = {n for n, _ in out['sockets']}

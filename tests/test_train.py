@@ -1,5 +1,5 @@
 """Models and training: shapes, capacity, determinism, resume, save/load, tracking, bad parameters."""
-import json, os, signal, subprocess, sys, textwrap
+import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -143,6 +143,19 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+def wandb_records_complete(path: Path, deadline_s: float = 60) -> list:
+    """The records of a run file once W&B's service has written all of it (through the exit record).
+    `run.finish()` returns before the service's writer has flushed the file, so a reader polls, up to a deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        recs = wandb_records(path)
+        if any(r.WhichOneof('record_type') == 'exit' for r in recs) or time.monotonic() > end: break
+        time.sleep(0.2)
+    assert recs and recs[-1].WhichOneof('record_type') == 'exit', \
+        f"{path}: W&B's run file has no exit record {deadline_s:.0f} s after finish ({len(recs)} records)"
+    return recs
+
+
 def test_wandb_offline_run_is_written_inside_the_project(smoke_data, tmp_path, monkeypatch):
     root = tmp_path / 'project'
     monkeypatch.setenv('FMNIST_ROOT', str(root))
@@ -154,7 +167,7 @@ def test_wandb_offline_run_is_written_inside_the_project(smoke_data, tmp_path, m
     t = json.loads((tmp_path / 'run' / 'tracking.json').read_text())
     run_dir = Path(t['run_dir'])
     assert run_dir.is_relative_to(root / 'wandb') and run_dir.name.startswith('offline-run-')
-    recs = wandb_records(next(run_dir.glob('*.wandb')))
+    recs = wandb_records_complete(next(run_dir.glob('*.wandb')))
     kind = lambda k: [getattr(x, k) for x in recs if x.WhichOneof('record_type') == k]
     config = {i.key: json.loads(i.value_json) for i in kind('run')[0].config.update}
     assert config['lr'] == 0.123 and config['model'] == 'cnn' and config['epochs'] == 2, "every parameter is the run's config"

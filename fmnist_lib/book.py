@@ -342,7 +342,7 @@ def build(profile:str='default', # whose reports to publish
         with atomic_write(gen/f'{name}.md', 'w') as o: o.write(f(profile, root))
     exe = Path(sys.executable).parent/'jupyter-book'
     cmd = [str(exe) if exe.exists() else 'jupyter-book', 'build', str(book), '--builder', 'html'] + (['-W', '-n', '--keep-going'] if strict else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if r.returncode:
         tail = '\n'.join((r.stdout + r.stderr).strip().splitlines()[-25:])
         raise FmnistError(f"book: jupyter-book build failed (exit {r.returncode}):\n{tail}")

@@ -195,7 +195,7 @@ def git_info(root:Path|str|None=None, # the repository; default: the project roo
     "The commit checked out at `root` and whether tracked files differ from it (`commit` is None outside git)."
     root = Path(root or project_paths().root)
     def git(*a):
-        return subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=10)
+        return subprocess.run(['git', '-C', str(root), *a], check=False, capture_output=True, text=True, timeout=10)
     try: r = git('rev-parse', 'HEAD')
     except (OSError, subprocess.SubprocessError): return {'commit': None, 'dirty': None}
     if r.returncode: return {'commit': None, 'dirty': None}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
+from .images import MAX_PHOTO_PIXELS as MAX_PHOTO_PIXELS, prepare_photo as prepare_photo  # re-exported: `robustness.prepare_photo` predates `images`
 from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, one_of, pick_compute, project_paths, provenance
 from .data import Split, stratified_split
 from .ensemble import Mixture
@@ -16,8 +17,8 @@ from .models import TTA, shift
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['SEVERITY', 'CORRUPTIONS', 'ROBUSTNESS_RULES', 'MAX_PHOTO_PIXELS', 'corrupt', 'corrupted_sets', 'corruption_scores',
-           'RobustnessResult', 'robustness_stage', 'prepare_photo']
+__all__ = ['SEVERITY', 'CORRUPTIONS', 'ROBUSTNESS_RULES', 'corrupt', 'corrupted_sets', 'corruption_scores', 'RobustnessResult',
+           'robustness_stage']
 
 # %% ../nbs/10_robustness.ipynb #c6
 SEVERITY = {'noise': [10, 18, 28, 42, 64], 'blur': [0.5, 0.75, 1.0, 1.5, 2.0], 'brightness': [25, 50, 75, 100, 128],
@@ -173,49 +174,3 @@ def robustness_stage(profile:str, # the profile (names the report folder)
                            round(time.perf_counter() - t0, 1))
     res.to_json(Path(out_dir or paths.profile_dir(profile))/'robustness.json')
     return res
-
-# %% ../nbs/10_robustness.ipynb #c16
-MAX_PHOTO_PIXELS = 40_000_000  # 40 MP: larger uploads are refused from the header, before any pixel is decoded
-
-def prepare_photo(src, # a path, bytes or a PIL image
-                  threshold:int=20, # pixels brighter than this (after inversion) count as the object
-                  max_pixels:int=MAX_PHOTO_PIXELS, # refuse images with more pixels than this, before decoding them
-                 )->np.ndarray: # uint8 (28, 28), object bright on black, centred
-    "A uint8 (28, 28) Fashion-MNIST-style image from a product photo (EXIF orientation applied; 8- or 16-bit)."
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    name = src if isinstance(src, (str, Path)) else type(src).__name__
-    try:
-        try: im = src if isinstance(src, Image.Image) else Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        except Image.DecompressionBombError as e:  # Pillow's own, larger limit, also checked from the header
-            raise FmnistError(f"photo {name}: expected at most {max_pixels:,} pixels, found more ({e})") from None
-        if im.size[0] * im.size[1] > max_pixels:  # from the header: nothing decoded yet
-            raise FmnistError(f"photo {name}: expected at most {max_pixels:,} pixels, found {im.size[0]} × {im.size[1]} = {im.size[0] * im.size[1]:,}")
-        im.load()
-        im = ImageOps.exif_transpose(im)   # phones store the camera's orientation in EXIF, not in the pixels
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise FmnistError(f"photo {name}: expected a PNG or JPEG image, found something unreadable ({e})") from None
-    if im.mode in ('RGBA', 'LA', 'P', 'PA'):
-        im = im.convert('RGBA'); bg = Image.new('RGBA', im.size, (255, 255, 255, 255)); im = Image.alpha_composite(bg, im)
-    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16-bit (or wider) grey: scale to 0-255 instead of clipping at 255
-        a = np.asarray(im, np.float64)
-        top = 65535.0 if im.mode.startswith('I;16') or (a.size and a.max() > 255) else 255.0
-        g = np.asarray(np.clip(a / top * 255, 0, 255), np.float32)
-    else:
-        g = np.asarray(im.convert('L'), np.float32)
-    if g.size == 0: raise FmnistError(f"photo {name}: expected at least one pixel, found an empty image")
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if np.median(border) > 127: g = 255 - g   # light background, as in product shots: invert to Fashion-MNIST's black
-    g = g - np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]]))  # background to 0
-    g = np.clip(g, 0, 255)
-    fg = np.argwhere(g > threshold)
-    if len(fg):
-        (r0, c0), (r1, c1) = fg.min(0), fg.max(0) + 1
-        g = g[r0:r1, c0:c1]
-    h, w = g.shape
-    scale = 28 / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = np.asarray(Image.fromarray(g.astype(np.uint8)).resize((nw, nh), Image.LANCZOS))
-    out = np.zeros((28, 28), np.uint8)
-    top, left = (28 - nh) // 2, (28 - nw) // 2
-    out[top:top + nh, left:left + nw] = small
-    return out

@@ -11,7 +11,7 @@ from .core import FmnistError
 # %% auto #0
 __all__ = ['boot_indices', 'ci', 'bootstrap', 'confusion', 'prf', 'top_k_correct', 'classification_report', 'kfold_indices',
            'cross_validate', 'reliability', 'ece', 'softmax', 'nll', 'fit_temperature', 'mcnemar_exact', 'compare',
-           'confused_pairs', 'hardest']
+           'wilson', 'two_proportions', 'confused_pairs', 'hardest']
 
 # %% ../nbs/03_stats.ipynb #c6
 def boot_indices(n:int, # number of items
@@ -194,6 +194,37 @@ def compare(correct:dict, # {model name: boolean correctness vector on the same 
     return rows
 
 # %% ../nbs/03_stats.ipynb #c25
+def wilson(k:int, # successes
+           n:int, # trials
+           level:float=0.95, # confidence level
+          )->tuple: # (lo, hi); (nan, nan) when n == 0
+    "Wilson score interval of the proportion k / n."
+    if n == 0: return (float('nan'), float('nan'))
+    from scipy.stats import norm
+    z, p = float(norm.ppf(0.5 + level / 2)), k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, c - h), min(1.0, c + h))
+
+def two_proportions(k_a:int, # successes of group A
+                    n_a:int, # trials of group A
+                    k_b:int, # successes of group B
+                    n_b:int, # trials of group B
+                    level:float=0.95, # confidence level
+                   )->dict: # {'a', 'b', 'diff' (b - a), 'lo', 'hi', 'z', 'p_value'}
+    "Difference of two independent proportions (B minus A): Newcombe's interval and the pooled two-sided z-test."
+    if n_a == 0 or n_b == 0: raise FmnistError(f"two_proportions: expected trials in both groups, found n_a={n_a}, n_b={n_b}")
+    from scipy.stats import norm
+    pa, pb = k_a / n_a, k_b / n_b
+    (la, ua), (lb, ub) = wilson(k_a, n_a, level), wilson(k_b, n_b, level)
+    d = pb - pa
+    lo, hi = d - math.sqrt((pb - lb) ** 2 + (ua - pa) ** 2), d + math.sqrt((ub - pb) ** 2 + (pa - la) ** 2)
+    pool = (k_a + k_b) / (n_a + n_b)
+    se = math.sqrt(pool * (1 - pool) * (1 / n_a + 1 / n_b))
+    z = d / se if se > 0 else 0.0
+    return {'a': pa, 'b': pb, 'diff': d, 'lo': lo, 'hi': hi, 'z': z, 'p_value': float(2 * norm.sf(abs(z)))}
+
+# %% ../nbs/03_stats.ipynb #c29
 def confused_pairs(cm:np.ndarray, # (k, k) confusion matrix, rows true classes
                    classes:tuple, # k class names
                    top:int=5, # how many pairs to return

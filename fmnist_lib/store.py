@@ -6,10 +6,10 @@
 from __future__ import annotations
 import os, re, shutil, tempfile
 from pathlib import Path
-from .core import FmnistError, file_lock, get_logger, project_paths, read_json, write_json
+from .core import FmnistError, file_lock, get_logger, project_paths, read_json, utc_now, write_json
 
 # %% auto #0
-__all__ = ['store_root', 'versions', 'register', 'champion', 'promote']
+__all__ = ['store_root', 'versions', 'register', 'champion', 'promote', 'rollback']
 
 # %% ../nbs/02a_store.ipynb #c5
 def store_root(store_dir:Path|str|None=None, # the store's folder; default: the project's reports/models/
@@ -66,6 +66,7 @@ def promote(task:str, # e.g. 'fashion-mnist'
             version_dir:Path|str, # a registered version folder
             store_dir:Path|str|None=None, # the store holding champions.json; default reports/models/
             force:bool=False, # replace the champion even if it was chosen on another validation split or scores higher (logged)
+            reason:str='higher validation accuracy', # why, kept in the champion's history
            )->bool: # True when champions.json now names `version_dir`, False when the champion stays
     "Make `version_dir` the champion of `task` if it beats the champion on the same validation split; return whether it did."
     card = read_json(Path(version_dir)/'card.json')
@@ -86,7 +87,37 @@ def promote(task:str, # e.g. 'fashion-mnist'
         elif cur and cur['val_acc'] >= val:
             if not force: return False
             log.warning(f"{task}: forced: {card['name']} {card['version']} ({val:.4f}) replaces {cur['name']} {cur['version']} ({cur['val_acc']:.4f})")
-        champs[task] = {'name': card['name'], 'version': card['version'], 'path': str(Path(version_dir).resolve()),
-                        'val_acc': val, 'val_split': split, 'test_acc': card.get('metrics', {}).get('test_acc')}
+        new = {'name': card['name'], 'version': card['version'], 'path': str(Path(version_dir).resolve()),
+               'val_acc': val, 'val_split': split, 'test_acc': card.get('metrics', {}).get('test_acc'), 'since': utc_now()}
+        champs[task] = _with_history(new, cur, 'promote', reason)
         write_json(f, champs)
     return True
+
+def _with_history(new:dict, cur:dict|None, action:str, reason:str)->dict:
+    "`new` as the champion record, with the previous champions (a stack for rollback) and every change (kept for good)."
+    strip = lambda r: {k: v for k, v in r.items() if k not in ('previous', 'events')}
+    prev = (cur or {}).get('previous', []) + ([strip(cur)] if cur and action == 'promote' else [])
+    if action == 'rollback': prev = prev[:-1]
+    ev = {'time': utc_now(), 'action': action, 'from': f"{cur['name']}:{cur['version']}" if cur else None,
+          'to': f"{new['name']}:{new['version']}", 'reason': reason}
+    return {**strip(new), 'previous': prev, 'events': (cur or {}).get('events', []) + [ev]}
+
+def rollback(task:str, # e.g. 'fashion-mnist'
+             store_dir:Path|str|None=None, # the store holding champions.json; default reports/models/
+             reason:str='rollback', # why, kept in the champion's history
+            )->dict: # the champion record now in force
+    "Make the previous champion of `task` the champion again (atomically; the history of changes is kept)."
+    f = store_root(store_dir)/'champions.json'
+    with file_lock(f.with_name('.champions.lock'), f'champion of {task}', wait=True):
+        champs = read_json(f) if f.is_file() else {}
+        cur = champs.get(task)
+        if not cur or not cur.get('previous'):
+            raise FmnistError(f"rollback of {task}: expected a previous champion to return to, found "
+                              + (f"only {cur['name']}:{cur['version']}" if cur else "no champion"))
+        back = {**cur['previous'][-1], 'since': utc_now()}
+        if not (Path(back['path'])/'model.json').is_file():
+            raise FmnistError(f"rollback of {task}: expected the previous champion's folder {back['path']}, found no model.json there")
+        champs[task] = _with_history(back, cur, 'rollback', reason)
+        write_json(f, champs)
+    get_logger('store').info(f"{task}: rolled back from {cur['name']} {cur['version']} to {back['name']} {back['version']}")
+    return champs[task]

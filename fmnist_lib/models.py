@@ -148,7 +148,7 @@ class ViT(nn.Module):
         self.out_norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, n_classes)
     def forward(self, x):
         t = self.embed(self.norm(x)).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
         return self.head(self.out_norm(self.blocks(t))[:, 0])
 
 # %% ../nbs/02_models.ipynb #c16

@@ -69,6 +69,9 @@ def test_no_broken_internal_links(site):
     assert not broken, f"{len(broken)} broken internal links, e.g. {broken[:10]}"
 
 
+WIDTH = 1366  # the laptop width the no-horizontal-scrolling gate is measured at
+
+
 @pytest.fixture(scope='module')
 def browser(site, tmp_path_factory):
     from selenium import webdriver
@@ -77,13 +80,16 @@ def browser(site, tmp_path_factory):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-              '--no-first-run', '--disable-sync', '--disable-dev-shm-usage', '--window-size=1280,1600',
+              '--no-first-run', '--disable-sync', '--disable-dev-shm-usage', f'--window-size={WIDTH},1000',
               f'--user-data-dir={tmp_path_factory.mktemp("chromium")}'):
         opts.add_argument(a)
+    # the console (browser) and the DevTools network events (performance) of every page, for the quality gates
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL', 'performance': 'ALL'})
     srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(HTML)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_page_load_timeout(60)
+    driver.set_script_timeout(120)
     yield driver, f'http://127.0.0.1:{srv.server_address[1]}/'
     driver.quit(); srv.shutdown(); srv.server_close()
 
@@ -187,3 +193,148 @@ def test_home_findings_what_changed_and_collapsed_code(site):
     rep = (HTML / 'reports' / '03_ensemble.html').read_text()
     assert 'above-input' in rep, "code cells of reports should be collapsed (hide-input)"
     assert re.search(r'<details>\s*<summary><b>Provenance</b>', rep), "the provenance block should be collapsible"
+
+
+# --- quality gates: every page of the site in the browser ----------------------------------------------
+# One visit per page collects what the gates below assert: console errors, every network request, the images,
+# the page's width against the viewport, the visible search controls and axe-core's accessibility violations.
+
+def _site_pages() -> list:
+    "Every page of the built site (index.html only redirects to the home page, which is on the list)."
+    return sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob('*.html')
+                  if '_static' not in p.relative_to(HTML).parts and p.relative_to(HTML).as_posix() != 'index.html')
+
+
+_AUDIT_JS = """
+const done = arguments[arguments.length - 1];
+const imgs = Array.from(document.images);
+imgs.forEach(i => i.loading = 'eager');
+Promise.allSettled(imgs.map(i => i.decode())).then(() => {
+  const s = document.scrollingElement, W = s.clientWidth;
+  const visible = e => { const r = e.getBoundingClientRect(), st = getComputedStyle(e);
+                         return r.width > 0 && r.height > 0 && st.visibility !== 'hidden' && e.closest('dialog:not([open])') === null; };
+  // what sticks out of the page: elements wider than the viewport whose overflow is not clipped by a scrolling ancestor
+  const wide = Array.from(document.body.querySelectorAll('*')).filter(e => e.getBoundingClientRect().right > W + 1).filter(e => {
+    for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) { if (getComputedStyle(a).overflowX !== 'visible') return false; }
+    return true; }).slice(0, 5).map(e => e.tagName.toLowerCase() + (e.className ? '.' + String(e.className).split(' ').join('.') : ''));
+  done({images: imgs.map(i => ({src: i.getAttribute('src'), url: i.currentSrc || i.src, loaded: i.complete && i.naturalWidth > 0,
+                               alt: i.getAttribute('alt')})),
+        scroll: [s.scrollWidth, s.clientWidth, window.innerWidth], wide: wide,
+        search: Array.from(document.querySelectorAll('input[type=search], .search-button-field')).filter(visible).length});
+});
+"""
+
+
+def _network(driver) -> list:
+    "URLs of every request the page made since the last call, from Chrome's DevTools network events."
+    import json
+    out = []
+    for entry in driver.get_log('performance'):
+        m = json.loads(entry['message'])['message']
+        if m['method'] == 'Network.requestWillBeSent':
+            out.append(m['params']['request']['url'])
+        elif m['method'] == 'Network.webSocketCreated':
+            out.append(m['params']['url'])
+    return out
+
+
+@pytest.fixture(scope='module')
+def audit(browser):
+    "Visit every page once at 1366 px and record what the quality gates check."
+    from axe_selenium_python import Axe
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver, base = browser
+    driver.get('about:blank'); driver.get_log('browser'); driver.get_log('performance')  # start with empty logs
+    out = {}
+    for i, page in enumerate(_site_pages()):
+        driver.get(base + page)
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script('return document.readyState') == 'complete')
+        if i == 0:  # the console log really reaches us: one line written on purpose, checked and dropped below
+            driver.execute_script("console.error('fmnist-gate-probe')")
+        rec = driver.execute_async_script(_AUDIT_JS)
+        axe = Axe(driver); axe.inject()
+        rec['axe'] = [v for v in axe.run()['violations'] if v['impact'] in ('serious', 'critical')]
+        rec['console'] = [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
+        rec['requests'] = _network(driver)
+        out[page] = rec
+    first = next(iter(out.values()))
+    assert any('fmnist-gate-probe' in m for m in first['console']), "the browser's console log is not captured: the console gate would see nothing"
+    first['console'] = [m for m in first['console'] if 'fmnist-gate-probe' not in m]
+    return out, base
+
+
+def test_gates_visit_every_page(audit):
+    pages, _ = audit
+    assert set(pages) == set(_site_pages()) and {'intro.html', 'search.html', 'reports/04_evaluate.html', 'library/13_book.html'} <= set(pages)
+
+
+def test_no_console_errors_on_any_page(audit):
+    pages, _ = audit
+    bad = {p: r['console'] for p, r in pages.items() if r['console']}
+    assert not bad, f"{len(bad)} pages log console errors, e.g. {dict(list(bad.items())[:3])}"
+
+
+def test_no_external_requests_from_any_page(audit):
+    "Everything the site needs comes from the site itself: a request anywhere else is a CDN, a font or a tracker."
+    pages, base = audit
+    local = lambda u: u.startswith((base, 'data:', 'blob:', 'about:'))
+    for p, r in pages.items():
+        assert any(u.startswith(base + p.split('#')[0]) for u in r['requests']), f"{p}: the network log missed the page itself: the gate would see nothing"
+    bad = {p: sorted({u for u in r['requests'] if not local(u)}) for p, r in pages.items()}
+    bad = {p: u for p, u in bad.items() if u}
+    assert not bad, f"{len(bad)} pages request other origins, e.g. {dict(list(bad.items())[:3])}"
+
+
+def test_every_image_loads_and_has_alt_text(audit):
+    pages, _ = audit
+    assert sum(len(r['images']) for r in pages.values()) >= 10, "the site should show figures"
+    broken, no_alt = [], []
+    for p, r in pages.items():
+        for im in r['images']:
+            if not im['loaded']: broken.append(f"{p}: {im['src']}")
+            alt = (im['alt'] or '').strip()
+            # docutils writes the file name as alt when none is given: that is no description
+            if not alt or alt == im['src'] or alt == Path(urlsplit(im['url']).path).name or alt.endswith(('.png', '.svg', '.jpg')):
+                no_alt.append(f"{p}: {im['src']} (alt={im['alt']!r})")
+    assert not broken, f"{len(broken)} images did not load, e.g. {broken[:5]}"
+    assert not no_alt, f"{len(no_alt)} images have no alt text, e.g. {no_alt[:5]}"
+
+
+def test_no_horizontal_scrolling_at_laptop_width(audit):
+    "Long code lines and wide tables wrap or scroll inside their own box; the page itself never scrolls sideways."
+    pages, _ = audit
+    assert all(r['scroll'][2] == WIDTH for r in pages.values()), "the window is not 1366 px wide"
+    bad = {p: f"page {r['scroll'][0]} px wide in a {r['scroll'][1]} px viewport; sticking out: {r['wide']}"
+           for p, r in pages.items() if r['scroll'][0] > r['scroll'][1]}
+    assert not bad, f"{len(bad)} pages scroll sideways at {WIDTH} px, e.g. {dict(list(bad.items())[:3])}"
+
+
+def test_one_search_box_per_page(audit):
+    pages, _ = audit
+    bad = {p: r['search'] for p, r in pages.items() if r['search'] != 1}
+    assert not bad, f"pages showing other than one search box (page: count): {dict(list(bad.items())[:5])}"
+
+
+def test_no_serious_accessibility_violations(audit):
+    "axe-core (bundled with axe-selenium-python, run in the page): nothing serious or critical on any page."
+    pages, _ = audit
+    bad = {p: [f"{v['id']} ({v['impact']}, {len(v['nodes'])}×: {v['nodes'][0]['target']})" for v in r['axe']] for p, r in pages.items() if r['axe']}
+    assert not bad, f"{len(bad)} pages with serious or critical axe violations, e.g. {dict(list(bad.items())[:4])}"
+
+
+@pytest.mark.parametrize('word', ['calibration', 'Shirt'])
+def test_search_finds_offline(browser, word):
+    "Sphinx's own search page, from the site's search index on the loopback server: results that name real pages holding the word."
+    import html as h
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver, base = browser
+    holds = {p for p in _site_pages() if p != 'search.html' and re.search(rf'\b{word.lower()}', h.unescape(re.sub(r'<[^>]+>', ' ', (HTML / p).read_text())).lower())}
+    assert holds, f"no page mentions {word!r}: the search test would prove nothing"
+    driver.get(base + f'search.html?q={word}')
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        "const s = document.querySelector('#search-results p.search-summary, #search-results .search-summary'); return s && s.innerText.trim().length > 0;"))
+    hits = driver.execute_script("return Array.from(document.querySelectorAll('#search-results ul.search li a')).map(a => a.href);")
+    assert hits, f"searching {word!r} found nothing"
+    found = {urlsplit(u).path.lstrip('/') for u in hits}
+    assert all((HTML / f).is_file() for f in found), f"search results that are not pages of the site: {sorted(found)}"
+    assert found & holds, f"searching {word!r}: results {sorted(found)[:5]} include none of the pages that contain it {sorted(holds)[:5]}"

@@ -36,7 +36,7 @@ class NoSkill(nn.Module):
            ):
         counts = torch.bincount(y, minlength=len(self.log_prior)).float()
         self.log_prior.copy_(torch.log(counts / counts.sum()).clamp_min(-30)); return self
-    def forward(self, x): return self.log_prior.expand(len(x), -1)
+    def forward(self, x): return self.log_prior.expand(x.shape[0], -1)
 
 class NearestCentroid(nn.Module):
     "Nearest class-mean image in pixel space, with a fitted softmax temperature."

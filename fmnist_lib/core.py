@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
+__all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
            'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file', 'seed_everything', 'cpu_flags',
            'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info', 'provenance',
            'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock', 'Result',
@@ -253,6 +253,8 @@ def lib_digest(root:Path|str|None=None, # project root; default: this project
     return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #c29
+TTA = ('none', 'flip', 'flip+shift')  # test-time augmentation: views averaged at prediction (models, ONNX export, serving)
+
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 POSITIVE_INT = (lambda v: _is_int(v) and v > 0, 'a positive integer')
 NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, 'a non-negative integer')

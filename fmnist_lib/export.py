@@ -9,22 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 from .core import FmnistError, atomic_write, get_logger, read_json, sha256_file, utc_now, write_json
-from .models import TTA, Ensemble, Model, shift
+from .models import Ensemble, Model, shift
+from .store import ONNX_FORMAT, onnx_file
 
 # %% auto #0
-__all__ = ['ONNX_FORMAT', 'OPSET', 'onnx_file', 'OnnxGraph', 'export_onnx', 'quantize_int8', 'ensure_onnx']
+__all__ = ['OPSET', 'OnnxGraph', 'export_onnx', 'quantize_int8', 'ensure_onnx']
 
 # %% ../nbs/16_export.ipynb #c5
-ONNX_FORMAT = 'fmnist-onnx/1'
 OPSET = 18
-
-def onnx_file(folder:Path|str, # a model folder (model.json, model.safetensors)
-              tta:str='none', # test-time augmentation baked into the graph, one of `TTA`
-              int8:bool=False, # the static int8 graph instead of fp32
-             )->Path: # <folder>/onnx/<tta>[.int8].onnx; its description is the same path with .json
-    "Where the ONNX graph of a model folder lives."
-    if tta not in TTA: raise FmnistError(f"tta: expected one of {', '.join(TTA)}, found {tta!r}")
-    return Path(folder)/'onnx'/f"{tta.replace('+', '-')}{'.int8' if int8 else ''}.onnx"
 
 def _views(m:nn.Module, x:torch.Tensor, tta:str)->torch.Tensor:
     "The mean logits of `m` over the views of `tta`, exactly as `Model.logits` computes them."

@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import FmnistError, atomic_write, read_json, write_json
+from .core import FmnistError, TTA, atomic_write, read_json, write_json
 
 # %% auto #0
-__all__ = ['FMNIST_MEAN', 'FMNIST_STD', 'BUILDERS', 'TTA', 'Standardize', 'NoSkill', 'NearestCentroid', 'LogReg', 'conv_bn',
-           'CNN', 'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build', 'to_input', 'shift', 'Model']
+__all__ = ['FMNIST_MEAN', 'FMNIST_STD', 'BUILDERS', 'Standardize', 'NoSkill', 'NearestCentroid', 'LogReg', 'conv_bn', 'CNN',
+           'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build', 'to_input', 'shift', 'Model']
 
 # %% ../nbs/02_models.ipynb #c6
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -203,7 +203,6 @@ def to_input(x, # uint8 images (n, 28, 28) as a numpy array or tensor, or floats
     if t.ndim != 4 or t.shape[1] != 1: raise FmnistError(f"images: expected shape (n, 28, 28) or (n, 1, 28, 28), found {tuple(t.shape)}")
     return t.float() / 255 if t.dtype == torch.uint8 else t.float()
 
-TTA = ('none', 'flip', 'flip+shift')  # test-time augmentation: views averaged at prediction
 
 def shift(x:torch.Tensor, # images (n, c, h, w)
           dy:int, # pixels down (negative: up)

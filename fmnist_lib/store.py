@@ -6,10 +6,10 @@
 from __future__ import annotations
 import os, re, shutil, tempfile
 from pathlib import Path
-from .core import FmnistError, file_lock, get_logger, project_paths, read_json, utc_now, write_json
+from .core import TTA, FmnistError, file_lock, get_logger, project_paths, read_json, utc_now, write_json
 
 # %% auto #0
-__all__ = ['store_root', 'versions', 'register', 'champion', 'promote', 'rollback']
+__all__ = ['TASK', 'ONNX_FORMAT', 'store_root', 'versions', 'register', 'champion', 'promote', 'rollback', 'onnx_file', 'resolve']
 
 # %% ../nbs/02a_store.ipynb #c5
 def store_root(store_dir:Path|str|None=None, # the store's folder; default: the project's reports/models/
@@ -121,3 +121,35 @@ def rollback(task:str, # e.g. 'fashion-mnist'
         write_json(f, champs)
     get_logger('store').info(f"{task}: rolled back from {cur['name']} {cur['version']} to {back['name']} {back['version']}")
     return champs[task]
+
+# %% ../nbs/02a_store.ipynb #c9
+TASK = 'fashion-mnist'        # the task whose champion serving follows
+ONNX_FORMAT = 'fmnist-onnx/1' # the format of the JSON description beside each graph
+
+def onnx_file(folder:Path|str, # a model folder (model.json, model.safetensors)
+              tta:str='none', # test-time augmentation baked into the graph, one of `TTA`
+              int8:bool=False, # the static int8 graph instead of fp32
+             )->Path: # <folder>/onnx/<tta>[.int8].onnx; its description is the same path with .json
+    "Where the ONNX graph of a model folder lives."
+    if tta not in TTA: raise FmnistError(f"tta: expected one of {', '.join(TTA)}, found {tta!r}")
+    return Path(folder)/'onnx'/f"{tta.replace('+', '-')}{'.int8' if int8 else ''}.onnx"
+
+def resolve(spec:str, # 'champion', 'NAME:VERSION', 'NAME' (its newest version) or a model folder
+            store_dir:Path|str|None=None, # the store; default reports/models/
+            task:str=TASK, # whose champion 'champion' means
+           )->Path: # the model folder
+    "The model folder a user names: the task's champion, a stored version, or a folder holding model.json."
+    if spec == 'champion':
+        c = champion(task, store_dir)
+        if not c: raise FmnistError(f"model champion: expected a champion of {task} in {store_root(store_dir)/'champions.json'}, found none (run the pipeline or `fmnist promote NAME:VERSION`)")
+        return Path(c['path'])
+    name, _, ver = spec.partition(':')
+    if _NAME.match(name) and (store_root(store_dir)/name).is_dir() and '/' not in spec:
+        vs = versions(name, store_dir)
+        ver = ver or (vs[-1] if vs else '')
+        if ver not in vs: raise FmnistError(f"model {spec}: expected one of the stored versions {', '.join(vs) or '(none)'} of {name}, found {ver or 'none'}")
+        return store_root(store_dir)/name/ver
+    p = Path(spec)
+    if (p/'model.json').is_file(): return p
+    known = sorted(d.name for d in store_root(store_dir).iterdir() if d.is_dir()) if store_root(store_dir).is_dir() else []
+    raise FmnistError(f"model {spec}: expected 'champion', NAME:VERSION of a stored model ({', '.join(known) or 'none stored'}) or a folder with model.json, found neither")

@@ -10,7 +10,7 @@ from .core import FmnistError, project_paths
 
 # %% auto #0
 __all__ = ['cmd_data_fetch', 'cmd_data_verify', 'cmd_data_info', 'cmd_run', 'cmd_book', 'cmd_bench', 'cmd_sweep', 'cmd_tune',
-           'build_parser', 'main']
+           'cmd_export', 'cmd_predict', 'cmd_serve', 'cmd_ab', 'cmd_promote', 'cmd_rollback', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c7
 def _data_args(p:argparse.ArgumentParser):
@@ -112,6 +112,91 @@ def cmd_tune(a)->int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #c13
+def _calibration(folder:Path, n:int=1000):
+    "Validation images of the split a stored model was trained with (int8 calibration never sees test images)."
+    from fmnist_lib.core import read_json
+    from fmnist_lib.data import Split
+    params = read_json(folder/'card.json').get('params', {}) if (folder/'card.json').is_file() else {}
+    keys = {k: params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed') if k in params}
+    if not keys.get('val_size'): raise FmnistError(f"{folder}: expected card.json with the training split (val_size) to calibrate int8 on, found none")
+    return Split(**keys).load().x_val[:n]
+
+def cmd_export(a)->int:
+    "Export a model (champion, NAME:VERSION or a folder) to ONNX; optionally static int8 calibrated on its validation images."
+    from fmnist_lib.export import ensure_onnx
+    from fmnist_lib.store import resolve
+    folder = resolve(a.model, a.store)
+    for tta in a.tta:
+        f = ensure_onnx(folder, tta, int8=a.int8, calibration=_calibration(folder) if a.int8 else None)
+        print(f"{folder}: {f.relative_to(folder)}")
+    return 0
+
+def _ensure_servable(spec:str, store, tta:str='none', int8:bool=False)->None:
+    "Export the ONNX graph of a model before it is served, when torch is here to do it (the serving image has none)."
+    from fmnist_lib.store import resolve
+    try: from fmnist_lib.export import ensure_onnx
+    except ImportError: return   # no torch: the graph must have been exported already; the server says so if not
+    folder = resolve(spec, store)
+    ensure_onnx(folder, tta, int8=int8, calibration=_calibration(folder) if int8 else None)
+
+def cmd_predict(a)->int:
+    "Predict files and folders (PNG/JPEG of any size, IDX, .npy) in batch; write a table; exit 3 when some inputs failed."
+    from fmnist_lib.serve import OnnxModel, predict_files, write_rows
+    from fmnist_lib.store import resolve
+    _ensure_servable(a.model, a.store, a.tta, a.int8)
+    model = OnnxModel(resolve(a.model, a.store), a.tta, a.int8)
+    if a.output.suffix.lower() not in ('.csv', '.parquet', '.jsonl'):
+        raise FmnistError(f"--output {a.output}: expected a .csv, .parquet or .jsonl file, found suffix {a.output.suffix or '(none)'}")
+    rows, st = predict_files(model, a.inputs, progress=not a.quiet)
+    write_rows(rows, a.output)
+    print(f"{st['images']:,} images from {model.key} in {st['seconds']:.2f} s ({st['images_per_s']:,.0f} images/s); "
+          f"{st['failed_files']} input(s) failed; wrote {a.output}")
+    for r in rows:
+        if r['error']: print(f"failed: {r['error']}", file=sys.stderr)
+    return 3 if st['failed_files'] else 0
+
+def cmd_serve(a)->int:
+    "Serve models over HTTP (FastAPI + uvicorn) on 127.0.0.1 unless told otherwise."
+    import uvicorn
+    from fmnist_lib.serve import Limits, ServeConfig, Server, create_app
+    for spec in [a.model] + ([a.challenger] if a.challenger else []): _ensure_servable(spec, a.store, a.tta, a.int8)
+    cfg = ServeConfig(model=a.model, challenger=a.challenger, challenger_weight=a.challenger_weight, tta=a.tta, int8=a.int8,
+                      store_dir=a.store, log_dir=str(a.log_dir or project_paths().reports/'serving'), threads=a.threads,
+                      limits=Limits(max_body_bytes=a.max_body_bytes, max_batch=a.max_batch, max_pixels=a.max_pixels))
+    server = Server(cfg)   # checks every model: a missing or damaged graph stops here with a clear error
+    print(f"serving {', '.join(f'{v} {m.key}' for v, m in server.variants.items())} on http://{a.host}:{a.port} "
+          f"(log {cfg.log_dir})", flush=True)
+    uvicorn.run(create_app(server), host=a.host, port=a.port, log_level='warning', access_log=False)
+    return 0
+
+def cmd_ab(a)->int:
+    "Compare the champion and the challenger from the prediction log and feedback; print the decision and its evidence."
+    from fmnist_lib.serve import ab_report
+    r = ab_report(a.log_dir or project_paths().reports/'serving', a.min_labels, a.alpha)
+    if a.json: print(json.dumps(r, indent=1)); return 0
+    print(f"rule: {r['rule']}")
+    for v, s in r['variants'].items():
+        print(f"{v:10s} {s['model']:20s} {s['correct']:6d}/{s['n']:<6d} accuracy {s['accuracy']:.4f} (95 % CI {s['lo']:.4f}–{s['hi']:.4f})")
+    if r['test']: print(f"challenger − champion {r['test']['diff']:+.4f} (95 % CI {r['test']['lo']:+.4f} to {r['test']['hi']:+.4f}), p = {r['test']['p_value']:.3g}")
+    print(f"decision: {r['decision']} ({r['reason']})")
+    return 0
+
+def cmd_promote(a)->int:
+    "Make a stored model the champion that `fmnist serve --model champion` follows (its ONNX graph exported first)."
+    from fmnist_lib.store import TASK, promote, resolve
+    folder = resolve(a.model, a.store)
+    _ensure_servable(str(folder), a.store, a.tta)
+    if not promote(TASK, folder, a.store, force=True, reason=a.reason):
+        raise FmnistError(f"promote {a.model}: expected a model with a validation accuracy, found none in {folder/'card.json'}")
+    print(f"champion of {TASK} is now {a.model} ({folder})"); return 0
+
+def cmd_rollback(a)->int:
+    "Make the previous champion the champion again."
+    from fmnist_lib.store import TASK, rollback
+    c = rollback(TASK, a.store, a.reason)
+    print(f"champion of {TASK} is now {c['name']}:{c['version']} again"); return 0
+
+# %% ../nbs/90_cli.ipynb #c15
 def build_parser()->argparse.ArgumentParser:
     "The `fmnist` argument parser with all its subcommands."
     from fmnist_lib import __version__
@@ -163,9 +248,48 @@ def build_parser()->argparse.ArgumentParser:
     tu.add_argument('--address', default=None, help="host:port of a running Ray cluster (else $RAY_ADDRESS, else an embedded Ray)")
     tu.add_argument('--num-cpus', type=int, default=None, metavar='N', help="CPUs of an embedded Ray (default: all)")
     tu.set_defaults(func=cmd_tune)
+    store = dict(default=None, metavar='DIR', help="the model store (default: reports/models/)")
+    tta = dict(default='none', choices=['none', 'flip', 'flip+shift'], help="test-time augmentation baked into the graph (default: none)")
+    ex = sub.add_parser('export', help=cmd_export.__doc__, description=cmd_export.__doc__)
+    ex.add_argument('model', help="champion, NAME:VERSION, NAME (newest version) or a model folder")
+    ex.add_argument('--tta', nargs='+', default=['none'], choices=['none', 'flip', 'flip+shift'], help="graphs to export (default: none)")
+    ex.add_argument('--int8', action='store_true', help="also the static int8 graph, calibrated on 1,000 validation images of the model's split")
+    ex.add_argument('--store', **store); ex.set_defaults(func=cmd_export)
+    pr = sub.add_parser('predict', help=cmd_predict.__doc__, description=cmd_predict.__doc__)
+    pr.add_argument('inputs', nargs='+', type=Path, metavar='INPUT', help="files or folders")
+    pr.add_argument('--model', default='champion', help="champion (default), NAME:VERSION or a model folder")
+    pr.add_argument('-o', '--output', type=Path, required=True, help="preds.csv, .parquet or .jsonl")
+    pr.add_argument('--tta', **tta); pr.add_argument('--int8', action='store_true', help="the static int8 graph")
+    pr.add_argument('--store', **store); pr.add_argument('-q', '--quiet', action='store_true', help="no progress bar")
+    pr.set_defaults(func=cmd_predict)
+    se = sub.add_parser('serve', help=cmd_serve.__doc__, description=cmd_serve.__doc__ + " POST /v1/predict, /v1/feedback; GET /v1/models, /healthz, /readyz, /metrics, /openapi.json, /docs.")
+    se.add_argument('--model', default='champion', help="champion (default: follows `fmnist promote` and `rollback` while running), NAME:VERSION or a folder")
+    se.add_argument('--challenger', default=None, help="a second model for a share of the traffic")
+    se.add_argument('--challenger-weight', type=float, default=0.1, metavar='W', help="the challenger's share, 0-1 (default 0.1)")
+    se.add_argument('--host', default='127.0.0.1', help="address to bind (default 127.0.0.1: this machine only)")
+    se.add_argument('--port', type=int, default=8000, help="port (default 8000)")
+    se.add_argument('--log-dir', type=Path, default=None, help="prediction and feedback logs (default reports/serving/)")
+    se.add_argument('--tta', **tta); se.add_argument('--int8', action='store_true', help="serve the static int8 graphs")
+    se.add_argument('--threads', type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    se.add_argument('--max-body-bytes', type=int, default=8 * 2**20, metavar='N', help="request body limit (default 8 MiB)")
+    se.add_argument('--max-batch', type=int, default=1024, metavar='N', help="images per request (default 1024)")
+    se.add_argument('--max-pixels', type=int, default=40_000_000, metavar='N', help="pixels of an uploaded image, checked before decoding (default 40 M)")
+    se.add_argument('--store', **store); se.set_defaults(func=cmd_serve)
+    ab = sub.add_parser('ab', help=cmd_ab.__doc__, description=cmd_ab.__doc__)
+    ab.add_argument('--log-dir', type=Path, default=None, help="the server's logs (default reports/serving/)")
+    ab.add_argument('--min-labels', type=int, default=200, help="labelled predictions each variant needs (default 200)")
+    ab.add_argument('--alpha', type=float, default=0.05, help="significance level (default 0.05)")
+    ab.add_argument('--json', action='store_true', help="print JSON"); ab.set_defaults(func=cmd_ab)
+    po = sub.add_parser('promote', help=cmd_promote.__doc__, description=cmd_promote.__doc__)
+    po.add_argument('model', help="NAME:VERSION or a stored version folder")
+    po.add_argument('--reason', default='fmnist promote', help="kept in the champion's history")
+    po.add_argument('--tta', **tta); po.add_argument('--store', **store); po.set_defaults(func=cmd_promote)
+    rb = sub.add_parser('rollback', help=cmd_rollback.__doc__, description=cmd_rollback.__doc__)
+    rb.add_argument('--reason', default='fmnist rollback', help="kept in the champion's history")
+    rb.add_argument('--store', **store); rb.set_defaults(func=cmd_rollback)
     return p
 
-# %% ../nbs/90_cli.ipynb #c14
+# %% ../nbs/90_cli.ipynb #c16
 def main(argv:list|None=None, # arguments without the program name; default sys.argv[1:]
         )->int:
     "Run the `fmnist` command line; return its exit code."

@@ -108,6 +108,8 @@ def ensure_onnx(folder:Path|str, # a model folder
                )->Path: # the graph to serve
     "The ONNX graph of a model folder, exported (or quantized) again when missing or made from other weights."
     folder = Path(folder); f = onnx_file(folder, tta)
+    for need in ('model.json', 'model.safetensors'):
+        if not (folder/need).is_file(): raise FmnistError(f"model folder {folder}: expected {need}, found no such file")
     meta = read_json(f.with_suffix('.json')) if f.with_suffix('.json').is_file() else {}
     if not f.is_file() or meta.get('weights_sha256') != sha256_file(folder/'model.safetensors'): export_onnx(folder, tta)
     if not int8: return f

@@ -423,7 +423,8 @@ def create_app(server:Server, # a loaded `Server`
         request.state.variant = out['variant']
         return Response(json.dumps(out, separators=(',', ':')), media_type='application/json')
 
-    @app.post('/v1/feedback', response_model=FeedbackStored, responses={404: {'model': Problem, 'description': 'unknown request id'}})
+    @app.post('/v1/feedback', response_model=FeedbackStored, responses={400: {'model': Problem, 'description': 'unparsable JSON'},
+                                                                       404: {'model': Problem, 'description': 'unknown request id'}})
     async def feedback(fb:Feedback):
         "Store the true label of an earlier prediction."
         return server.add_feedback(fb.request_id, fb.label, fb.item)

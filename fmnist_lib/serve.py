@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from .core import TTA, FmnistError, atomic_write, get_logger, read_json, sha256_bytes, sha256_file, utc_now
@@ -398,6 +399,10 @@ def create_app(server:Server, # a loaded `Server`
     @app.exception_handler(InputError)
     async def _input_error(request, e:InputError): return err(e.status, str(e))
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e:RequestValidationError):   # one error format for every 422: {"detail": "..."}
+        return err(422, '; '.join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].lower()}, found {str(x.get('input'))[:80]!r}" for x in e.errors()))
+
     @app.post('/v1/predict', response_model=PredictResponse, openapi_extra={'requestBody': PREDICT_BODY},
               responses={413: {'model': Problem, 'description': 'over a limit'}, 415: {'model': Problem, 'description': 'unsupported content type'},
                          422: {'model': Problem, 'description': 'not a usable image or array'}, 503: {'model': Problem, 'description': 'warming up'}})
@@ -424,7 +429,8 @@ def create_app(server:Server, # a loaded `Server`
         return Response(json.dumps(out, separators=(',', ':')), media_type='application/json')
 
     @app.post('/v1/feedback', response_model=FeedbackStored, responses={400: {'model': Problem, 'description': 'unparsable JSON'},
-                                                                       404: {'model': Problem, 'description': 'unknown request id'}})
+                                                                       404: {'model': Problem, 'description': 'unknown request id'},
+                                                                       422: {'model': Problem, 'description': 'not a label of that request'}})
     async def feedback(fb:Feedback):
         "Store the true label of an earlier prediction."
         return server.add_feedback(fb.request_id, fb.label, fb.item)

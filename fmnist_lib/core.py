@@ -10,8 +10,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
-           'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file', 'seed_everything', 'cpu_flags',
-           'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info', 'provenance',
+           'umask', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file', 'seed_everything',
+           'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info', 'provenance',
            'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock', 'Result',
            'get_logger']
 
@@ -83,7 +83,8 @@ def project_paths(root:Path|str|None=None, # project root; default `$FMNIST_ROOT
     return Paths(Path(root).resolve())
 
 # %% ../nbs/00_core.ipynb #c12
-def _umask()->int:
+def umask()->int: # the process umask (read without changing it)
+    "The file-creation mask in force: what modes files and folders we create end up with."
     m = os.umask(0); os.umask(m); return m
 
 @contextlib.contextmanager
@@ -97,7 +98,7 @@ def atomic_write(path:Path|str, # the file to create or replace
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             yield f
             f.flush(); os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)

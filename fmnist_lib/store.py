@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, re, shutil, tempfile
 from pathlib import Path
-from .core import TTA, FmnistError, file_lock, get_logger, project_paths, read_json, utc_now, write_json
+from .core import TTA, FmnistError, umask, file_lock, get_logger, project_paths, read_json, utc_now, write_json
 
 # %% auto #0
 __all__ = ['TASK', 'ONNX_FORMAT', 'store_root', 'versions', 'register', 'champion', 'promote', 'rollback', 'onnx_file', 'resolve']
@@ -40,6 +40,7 @@ def register(src:Path|str, # a folder holding model.json and model.safetensors
         if not (src/f).is_file(): raise FmnistError(f"model folder {src}: expected {f}, found no such file")
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=base, prefix='.incoming-'))
+    os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes it 0700: the serving image's own user must be able to read a mounted version
     try:
         for f in ('model.json', 'model.safetensors'): shutil.copy2(src/f, tmp/f)
         while True:  # mkdir-free claim of the next number: rename fails if another writer took it
@@ -143,6 +144,7 @@ def resolve(spec:str, # 'champion', 'NAME:VERSION', 'NAME' (its newest version) 
         c = champion(task, store_dir)
         if not c: raise FmnistError(f"model champion: expected a champion of {task} in {store_root(store_dir)/'champions.json'}, found none (run the pipeline or `fmnist promote NAME:VERSION`)")
         return Path(c['path'])
+    if '/' in spec and (Path(spec)/'model.json').is_file(): return Path(spec)   # a folder: no project needed (the serving image has none)
     name, _, ver = spec.partition(':')
     if _NAME.match(name) and (store_root(store_dir)/name).is_dir() and '/' not in spec:
         vs = versions(name, store_dir)

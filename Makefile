@@ -14,9 +14,11 @@ PROFILE ?= default
 # Debian packages: the data (else fmnist downloads it from the official mirror), a real browser for the site
 # test, and iproute2 (`ip`) for the Ray tests, which run in their own loopback-only network namespace.
 DEB_DATA := dataset-fashion-mnist
-DEB_TEST := chromium chromium-driver iproute2
+# the load generator the serve stage drives the server with (part of the pipeline, so `make all` needs it too)
+DEB_SERVE := hey
+DEB_TEST := chromium chromium-driver iproute2 podman buildah runc debootstrap catatonit
 
-.PHONY: help all setup sysdeps sysdeps-test data pipeline book test lint test-nb test-py smoke nbval lab clean clean-models
+.PHONY: help all setup sysdeps sysdeps-test data pipeline book test lint test-nb test-py smoke nbval lab clean clean-models wheels base-image image
 
 help:
 	@echo "make all     set up, fetch and verify the data, run the $(PROFILE) profile, build the site"
@@ -26,6 +28,7 @@ help:
 	@echo "make setup   only create $(VENV) and install fmnist_lib with its dev dependencies"
 	@echo "make clean   remove generated reports, site and caches (keeps $(VENV), data/raw, the model store and searches)"
 	@echo "make clean-models  remove the model store reports/models/ (every registered model and the champions)"
+	@echo "make image   build the serving image $(IMAGE) with podman (deploy/Dockerfile; no torch in it)"
 
 all: setup data pipeline book
 	@echo "done: reports in reports/$(PROFILE)/, site at book/_build/html/index.html"
@@ -53,6 +56,7 @@ endef
 
 sysdeps:
 	$(call apt_ensure,$(DEB_DATA),fmnist downloads the data from the official mirror instead)
+	$(call apt_ensure,$(DEB_SERVE),the serve stage fails until hey is installed)
 
 sysdeps-test: sysdeps
 	$(call apt_ensure,$(DEB_TEST),the browser and Ray tests will fail until they are installed)
@@ -99,6 +103,55 @@ $(LAB_OVERRIDES): .jupyter/overrides.json $(STAMP)
 
 lab: setup $(LAB_OVERRIDES)
 	$(BIN)/jupyter lab --notebook-dir=. --ip=127.0.0.1 --no-browser $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
+
+# --- the serving image (deploy/) ----------------------------------------------------------
+# podman and buildah come with DEB_TEST (catatonit is what `podman run --init` runs as PID 1). podman reads the
+# project's containers.conf (runc instead of crun; open-file limits within the hard limit); the system's own
+# files are never changed.
+CONTAINERS_CONF := $(CURDIR)/deploy/podman/containers.conf
+PODMAN       := CONTAINERS_CONF=$(CONTAINERS_CONF) podman
+IMAGE        ?= localhost/fmnist-serve:latest
+PY_BASE      := docker.io/library/python:3.11-slim
+DEBIAN_BASE  := localhost/debian-base:bookworm
+# BASE_IMAGE empty: $(PY_BASE) when a registry answers, else $(DEBIAN_BASE), built here by debootstrap
+BASE_IMAGE   ?=
+# The build never reaches an index: pip installs from $(WHEELS) only, filled here for the image's CPython
+# and platform (both bases: Debian bookworm, glibc 2.36), whatever the host's own Python is.
+WHEELS       := deploy/wheels
+IMAGE_PYTHON := 3.11
+WHEEL_PLATFORMS := $(foreach t,manylinux2014 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_36,--platform $(t)_$(shell uname -m))
+
+# the serving requirements (deploy/requirements-serve.txt = settings.ini's serve_requirements), downloaded once
+$(WHEELS)/.requirements: deploy/requirements-serve.txt | $(STAMP)
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(BIN)/pip download -q --dest $(WHEELS) --only-binary=:all: --implementation cp --python-version $(IMAGE_PYTHON) \
+	  $(WHEEL_PLATFORMS) -r deploy/requirements-serve.txt
+	@touch $@
+
+# fmnist_lib's own wheel, rebuilt whenever the library changes (build/ would keep deleted modules in it); pip
+# builds it in isolation, so the venv needs no setuptools (Python >= 3.12 venvs have none)
+$(WHEELS)/.fmnist_lib: $(WHEELS)/.requirements settings.ini setup.py README.md $(wildcard fmnist_lib/*.py)
+	rm -rf build $(WHEELS)/fmnist_lib-*.whl
+	$(BIN)/pip wheel -q --no-deps -w $(WHEELS) .
+	@rm -rf build && touch $@
+
+wheels: $(WHEELS)/.fmnist_lib
+
+# localhost/debian-base:bookworm with python3 from the machine's own apt mirror (needs root); reused once built
+base-image:
+	deploy/base-image.sh $(DEBIAN_BASE)
+
+# IMAGE=name:tag picks the tag, BASE_IMAGE=... the base (else chosen as above), BUILD_ARGS more podman build
+# options (--layers=false keeps no cached layers); it builds with no network at all
+BUILD_ARGS   ?=
+image: wheels
+	@base='$(BASE_IMAGE)'; \
+	if [ -z "$$base" ]; then \
+	  if $(PODMAN) image exists $(PY_BASE) || timeout 120 $(PODMAN) pull -q $(PY_BASE) >/dev/null 2>&1; then base=$(PY_BASE); \
+	  else echo "no container registry answers: building on $(DEBIAN_BASE)"; deploy/base-image.sh $(DEBIAN_BASE); base=$(DEBIAN_BASE); fi; \
+	fi; \
+	echo "building $(IMAGE) on $$base"; \
+	$(PODMAN) build --format docker --network none $(BUILD_ARGS) --build-arg BASE_IMAGE=$$base -f deploy/Dockerfile -t $(IMAGE) .
 
 # `clean` removes what `make all` / `make test` rebuild: the profiles' reports, caches and the site. It keeps
 # the model store (reports/models: every registered version and the champions) and the results of long

@@ -94,15 +94,24 @@ def results_md(profile:str, # the profile
 def kpis_md(profile:str, # the profile
             root:Path|str|None=None, # project root
            )->str: # Markdown
-    "The KPI table: each target beside its measured value or 'not measured yet'."
+    "The KPI table: each target beside its measured value (from the profile's results) or 'not measured yet'."
     best = _best_on_validation(run_results(profile, root))
     ev = _evaluation(profile, root)
     acc = f"{_acc_ci(ev, best['run']) or _fmt(best['test_acc'], True)} ({best['run']}, best on validation, profile `{profile}`)" if best else 'not measured yet'
     met = '' if not best else (' ✅' if best['test_acc'] > 0.90 else ' ❌')
+    lat, cost = 'not measured yet (run the serve stage)', 'not measured yet (run the serve stage)'
+    f = project_paths(root).profile_dir(profile)/'serve.json'
+    if f.is_file():   # the serve stage's result (a later module: read as JSON, by its field names)
+        sv = read_json(f); h = sv['http'][sv['served']]['sequential']['none']; c = sv['cost']
+        ok = ' ✅' if h['p95'] < 100 else ' ❌'
+        lat = f"{h['p95']:.2f} ms ({sv['served']}, one image per request over loopback, {h['n']:,} requests, profile `{profile}`){ok}"
+        if c.get('batched'):
+            cost = (f"${c['batched']['usd_per_1000']:.7f} per 1,000 predictions ({c['batched']['images_per_s']:,.0f} images/s in batches of "
+                    f"{c['batched']['batch']}; {c['vm']} at ${c['usd_per_hour']}/h, {c['source']}, {c['date']})")
     return ('| KPI | target | measured |\n|---|---|---|\n'
             f"| test accuracy | > 90 % | {acc}{met} |\n"
-            "| API latency, p95 | < 100 ms | not measured yet (serving is not built) |\n"
-            "| cost per prediction | as low as a 2-core CPU allows | not measured yet (serving is not built) |\n")
+            f"| API latency, p95 | < 100 ms | {lat} |\n"
+            f"| cost per prediction | as low as a 2-core CPU allows | {cost} |\n")
 
 def data_card_md(profile:str, # the profile
                  root:Path|str|None=None, # project root

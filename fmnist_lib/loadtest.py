@@ -17,7 +17,7 @@ from .serve import OnnxModel
 
 # %% auto #0
 __all__ = ['PRICE', 'TARGETS', 'SERVE_RULES', 'percentiles', 'time_calls', 'ServerProcess', 'npy_bytes', 'hey', 'ServeResult',
-           'serve_stage']
+           'servable_copy', 'serve_stage']
 
 # %% ../nbs/18_loadtest.ipynb #c5
 PRICE = {'vm': 'AWS EC2 m7g.large (2 vCPU, 8 GiB, Linux, us-east-1, On-Demand)', 'usd_per_hour': 0.0816,
@@ -117,7 +117,10 @@ class ServeResult(Result):
 SERVE_RULES = {'n_sequential': POSITIVE_INT, 'n_latency': POSITIVE_INT, 'seconds': POSITIVE_INT, 'concurrency': POSITIVE_INT,
                'n_calibration': POSITIVE_INT, 'threads': NON_NEGATIVE_INT, 'tta': one_of('none', 'flip', 'flip+shift')}
 
-def _stage_model(run:RunDir, dest:Path, profile:str)->Path:
+def servable_copy(run:RunDir, # a finished run
+                  dest:Path, # the folder to create
+                  profile:str, # the profile, the copy's version
+                 )->Path: # `dest`
     "A servable copy of a run's model with a card naming it (name = run, version = profile)."
     dest.mkdir(parents=True, exist_ok=True)
     for f in ('model.json', 'model.safetensors'): shutil.copy2(run.model_dir/f, dest/f)
@@ -161,7 +164,7 @@ def serve_stage(profile:str, # the profile (names the report folder)
     x, y, cal = data.x_test, data.y_test, data.x_val[:n_calibration]
     models = {}
     for n in measure:
-        folder = _stage_model(rd[n], out/'serve'/'models'/n, profile)
+        folder = servable_copy(rd[n], out/'serve'/'models'/n, profile)
         ensure_onnx(folder, 'none'); ensure_onnx(folder, tta); ensure_onnx(folder, 'none', int8=True, calibration=cal)
         tm = rd[n].load_model()
         zt = tm.logits(x).numpy()

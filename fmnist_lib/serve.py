@@ -225,7 +225,7 @@ class ServeConfig:
     threads: int|None = None            # ONNX Runtime threads; None: all cores
     reload_s: float = 0.5               # how often the champion alias is checked
     limits: Limits|None = None          # request limits; None: `Limits()`
-    known_requests: int = 1_000_000     # request ids remembered for feedback
+    known_requests: int = 200_000       # request ids remembered for feedback (older ones get 404)
 
 class Server:
     "The serving state: variants, logs, metrics and the champion watcher. Loading checks every model and raises `FmnistError`."

@@ -14,8 +14,9 @@ PROFILE ?= default
 # Debian packages: the data (else fmnist downloads it from the official mirror), a real browser for the site
 # test, and iproute2 (`ip`) for the Ray tests, which run in their own loopback-only network namespace.
 DEB_DATA := dataset-fashion-mnist
-# the load generator the serve stage drives the server with (part of the pipeline, so `make all` needs it too)
-DEB_SERVE := hey
+# what pipeline stages run (so `make all` needs them too): hey, the load generator of the serve stage; Prometheus and
+# Alertmanager, which the monitor stage starts on 127.0.0.1 (promtool/amtool also check deploy/prometheus/ in make test)
+DEB_SERVE := hey prometheus prometheus-alertmanager
 DEB_TEST := chromium chromium-driver iproute2 podman buildah runc debootstrap catatonit
 
 .PHONY: help all setup sysdeps sysdeps-test data pipeline book test lint test-nb test-py smoke nbval lab clean clean-models wheels base-image image
@@ -56,7 +57,9 @@ endef
 
 sysdeps:
 	$(call apt_ensure,$(DEB_DATA),fmnist downloads the data from the official mirror instead)
-	$(call apt_ensure,$(DEB_SERVE),the serve stage fails until hey is installed)
+	$(call apt_ensure,$(DEB_SERVE),the serve and monitor stages fail until they are installed)
+	@# the Debian packages enable system services where systemd runs; the monitor stage starts its own, on loopback
+	@if command -v systemctl >/dev/null && [ "$$(id -u)" = 0 ]; then systemctl disable --now prometheus prometheus-alertmanager >/dev/null 2>&1 || true; fi
 
 sysdeps-test: sysdeps
 	$(call apt_ensure,$(DEB_TEST),the browser and Ray tests will fail until they are installed)

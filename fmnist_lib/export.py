@@ -61,7 +61,7 @@ def export_onnx(folder:Path|str, # a model folder (a store version or a run's mo
         'name': card.get('name', folder.name), 'version': card.get('version', 'unversioned'),
         'weights_sha256': sha256_file(folder/'model.safetensors'), 'onnx_sha256': sha256_file(out),
         'exported': utc_now(), 'export_s': round(time.perf_counter() - t0, 3), 'torch': torch.__version__})
-    get_logger('export').info(f"exported {card.get('name', folder.name)} {card.get('version', '')} to ONNX (tta {tta})")
+    get_logger('export').debug(f"exported {card.get('name', folder.name)} {card.get('version', '')} to ONNX (tta {tta})")  # debug: stage pages carry no log lines; the CLI prints the file
     return out
 
 # %% ../nbs/16_export.ipynb #c9

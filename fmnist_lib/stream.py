@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_stream.ipynb #c3
 from __future__ import annotations
-import time
+import threading, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -21,8 +21,8 @@ from .alerting import Alerting, Webhook
 from .monitor import DriftMetrics, Reference, detect
 
 # %% auto #0
-__all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'MONITOR_RULES', 'stream_windows', 'embeddings',
-           'MonitorResult', 'monitor_stage']
+__all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'MONITOR_RULES', 'SLO_P95', 'SLO_ERRORS', 'SLO_TARGETS',
+           'stream_windows', 'embeddings', 'MonitorResult', 'monitor_stage']
 
 # %% ../nbs/20_stream.ipynb #c6
 STREAM_CORRUPTIONS = ('brightness', 'blur', 'noise')   # the gradual shift: each image gets one of these at the window's severity
@@ -98,9 +98,20 @@ class MonitorResult(Result):
     alerts: list          # notifications the webhook received (alert names, status, time)
     decisions: list       # the gated decisions, as appended to the audit log
     targets: dict         # the targets, measured
+    slo: dict             # over the day: p95 latency, 5xx rate and availability against `SLO_TARGETS`
     wall_time_s: float    # seconds the stage took
 
 MONITOR_RULES = {'window': POSITIVE_INT, 'trials': POSITIVE_INT, 'label_budget': POSITIVE_INT, 'seed': NON_NEGATIVE_INT}
+
+SLO_P95 = 'histogram_quantile(0.95, sum by (le) (rate(fmnist_request_duration_seconds_bucket{route="/v1/predict"}[10s])))'
+SLO_ERRORS = 'sum(rate(fmnist_requests_total{status=~"5.."}[10s])) / sum(rate(fmnist_requests_total[10s]))'
+SLO_TARGETS = {'p95_s': 0.1, 'error_rate': 0.01, 'availability': 0.999}   # the KPI page's 100 ms; 1 % 5xx; three nines
+
+def _scalar(al:Alerting, expr:str)->float|None:
+    "One number from Prometheus (None when the expression has no value yet, e.g. no traffic in the range)."
+    v = al.query(expr)
+    x = float(v[0]['value'][1]) if v else None
+    return None if x is None or x != x else x
 
 def _delays(rows:list, phase:str, detectors:tuple)->dict:
     start = next((r['index'] for r in rows if r['phase'] == phase), None)
@@ -119,6 +130,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                   trials:int=50, # windows per size in the detection-rate table
                   label_budget:int=500, # images the decision may send for labelling
                   seconds_per_window:float=1.0, # wall time per window, so Prometheus scrapes each (1 s interval)
+                  traffic_rps:float=20.0, # steady single-image requests per second beside the stream, for the SLOs
                   seed:int=0, # stream, subsamples and permutations
                   out_dir:Path|str|None=None, # where monitor.json and the monitoring files go (default reports/<profile>/)
                   root:Path|str|None=None, # project root
@@ -154,8 +166,19 @@ def monitor_stage(profile:str, # the profile (names the report folder)
             with Webhook(hook_file) as hook, Alerting(out/'alerting', {'fmnist': f'127.0.0.1:{srv.port}', 'drift': f'127.0.0.1:{dport}'},
                                                        rules, hook.url, time_scale=seconds_per_window / RULES_WINDOW_S, interval_s=seconds_per_window) as al, \
                  httpx.Client(base_url=srv.url, timeout=60) as c:
-                seen = 0
+                seen, calls, stop = 0, [], threading.Event()
+                def traffic():   # steady single-image requests beside the stream: what the SLOs are measured on
+                    rng_t = np.random.default_rng(seed + 1)
+                    with httpx.Client(base_url=srv.url, timeout=10) as tc:
+                        while not stop.is_set():
+                            t1 = time.time()
+                            try: st = tc.post('/v1/predict', content=npy_bytes(data.x_test[rng_t.integers(len(data.x_test))]),
+                                              headers={'content-type': 'application/x-npy'}).status_code
+                            except httpx.HTTPError: st = 0   # no answer at all
+                            calls.append((t1, st)); stop.wait(1 / traffic_rps)
+                th = threading.Thread(target=traffic, daemon=True); th.start()
                 for w in windows:
+                    w0 = time.time()
                     r = c.post('/v1/predict', content=npy_bytes(w['images']), headers={'content-type': 'application/x-npy', 'x-client-id': 'stream'})
                     if r.status_code != 200: raise FmnistError(f"monitor: expected 200 from the server, found {r.status_code}: {r.text[:200]}")
                     rid = r.json()['request_id']
@@ -165,9 +188,12 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                     rep = detect(ref, served.key, probs, embeddings(module, w['images']), w['labels'], alpha, seed=seed + w['index'])
                     metrics.publish(rep)
                     time.sleep(seconds_per_window)
+                    mine = [st for t1, st in list(calls) if t1 >= w0]
                     rows.append({'index': w['index'], 'phase': w['phase'], 'severity': w['severity'], 'n': rep.n, 'p': rep.p_values,
                                  'drift': rep.drift, 'estimated_acc': rep.accuracy['estimated'], 'true_acc': rep.accuracy['true'],
-                                 'firing': al.firing()})
+                                 'firing': al.firing(), 'slo': {'requests': len(mine), 'available': sum(0 < st < 500 for st in mine),
+                                                                'p95_s': _scalar(al, SLO_P95), 'error_rate': _scalar(al, SLO_ERRORS)}})
+                stop.set(); th.join()
                 time.sleep(3 * seconds_per_window)   # the last alerts reach the webhook
                 alerts = [{'received': n['received'], 'status': n['status'], 'alerts': sorted({a['labels']['alertname'] for a in n['alerts']})}
                           for n in hook.notifications()]
@@ -219,13 +245,20 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     targets = {'false_alarm_rate_ks': {'target': '≤ 0.05', 'measured': false_alarms.get('ks'), 'met': false_alarms.get('ks', 1) <= 0.05},
                'severity3_within_two_windows': {'target': 'KS detects a severity-3 window within the first two', 'measured': [r['drift']['ks'] for r in sev3[:2]],
                                                 'met': any(r['drift']['ks'] for r in sev3[:2]), 'window': window}}
+    allc = [st for _, st in calls]
+    p95s = [r['slo']['p95_s'] for r in rows if r['slo']['p95_s'] is not None]
+    errs = [r['slo']['error_rate'] for r in rows if r['slo']['error_rate'] is not None]
+    slo = {'requests': len(allc), 'availability': sum(0 < st < 500 for st in allc) / max(1, len(allc)),
+           'p95_s_worst_window': max(p95s) if p95s else None, 'error_rate_worst_window': max(errs) if errs else None, 'targets': SLO_TARGETS}
+    slo['met'] = {'p95_s': bool(p95s) and max(p95s) <= SLO_TARGETS['p95_s'], 'error_rate': not errs or max(errs) <= SLO_TARGETS['error_rate'],
+                  'availability': slo['availability'] >= SLO_TARGETS['availability']}
     prov = provenance(seed=seed, data_checksum=data.checksum, profile=profile, stage='monitor',
                       parameters=dict(runs=list(runs), run=run, window=window, alpha=alpha, per_severity=per_severity, trials=trials,
                                       window_sizes=window_sizes or list(PAPER_DETECTION), label_budget=label_budget,
-                                      seconds_per_window=seconds_per_window, **split.__dict__))
+                                      seconds_per_window=seconds_per_window, traffic_rps=traffic_rps, **split.__dict__))
     res = MonitorResult(profile, prov, run, served.key, window, alpha, rows, false_alarms, delays,
                         {d: {str(k): v for k, v in r.items()} for d, r in rates.items()},
-                        {'mean_abs': float(np.abs(err).mean()), 'max_abs': float(np.abs(err).max())}, alerts, decisions, targets,
+                        {'mean_abs': float(np.abs(err).mean()), 'max_abs': float(np.abs(err).max())}, alerts, decisions, targets, slo,
                         round(time.perf_counter() - t0, 1))
     res.to_json(out.parent/'monitor.json')
     return res

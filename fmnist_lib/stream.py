@@ -126,6 +126,9 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                   window:int=500, # images per window
                   alpha:float=0.05, # level of every detector
                   per_severity:int=2, # windows at each corruption severity
+                  clean:int=8, # clean windows before the shifts
+                  label_shift:int=6, # windows where one class surges
+                  recovery:int=6, # clean windows after
                   window_sizes:list|None=None, # sizes of the detection-rate table; None: the paper's 10 ... 1000
                   trials:int=50, # windows per size in the detection-rate table
                   label_budget:int=500, # images the decision may send for labelling
@@ -154,7 +157,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     vp = served.predict_proba(data.x_val)
     temp = fit_temperature(served.logits(data.x_val), data.y_val)
     ref = Reference.fit(vp, embeddings(module, data.x_val), served.key, temp, seed=seed); ref.save(out/'reference')
-    windows = stream_windows(data.x_test, data.y_test, window, per_severity=per_severity, seed=seed)
+    windows = stream_windows(data.x_test, data.y_test, window, clean, per_severity, label_shift, recovery, seed=seed)
     rows, metrics = [], DriftMetrics()
     hook_file = out/'alerts.jsonl'; hook_file.unlink(missing_ok=True)
     log_dir = out/'log'
@@ -253,7 +256,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     slo['met'] = {'p95_s': bool(p95s) and max(p95s) <= SLO_TARGETS['p95_s'], 'error_rate': not errs or max(errs) <= SLO_TARGETS['error_rate'],
                   'availability': slo['availability'] >= SLO_TARGETS['availability']}
     prov = provenance(seed=seed, data_checksum=data.checksum, profile=profile, stage='monitor',
-                      parameters=dict(runs=list(runs), run=run, window=window, alpha=alpha, per_severity=per_severity, trials=trials,
+                      parameters=dict(runs=list(runs), run=run, window=window, alpha=alpha, per_severity=per_severity, clean=clean, label_shift=label_shift, recovery=recovery, trials=trials,
                                       window_sizes=window_sizes or list(PAPER_DETECTION), label_budget=label_budget,
                                       seconds_per_window=seconds_per_window, traffic_rps=traffic_rps, **split.__dict__))
     res = MonitorResult(profile, prov, run, served.key, window, alpha, rows, false_alarms, delays,

@@ -11,10 +11,11 @@ BIN = Path(sys.executable).parent
 
 
 def make_project(dest: Path) -> Path:
-    "A project root with the real stage notebooks, library source and verified data, and empty reports."
+    "A project root with the real stage notebooks, library source, alert rules and verified data, and empty reports."
     (dest / 'nbs').mkdir(parents=True)
     shutil.copytree(REPO / 'nbs' / 'experiments', dest / 'nbs' / 'experiments')
     shutil.copytree(REPO / 'fmnist_lib', dest / 'fmnist_lib', ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(REPO / 'deploy' / 'prometheus', dest / 'deploy' / 'prometheus')   # the alert rules the monitor stage loads
     (dest / 'data').mkdir()
     for d in ('raw', 'processed'):
         (REPO / 'data' / d).mkdir(parents=True, exist_ok=True)

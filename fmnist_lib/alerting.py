@@ -103,7 +103,7 @@ class Alerting:
         rules = Path(rules)
         if not rules.is_file(): raise FmnistError(f"alert rules: expected a rules file, found no file {rules}")
         (self.folder/'rules.yml').write_text(scale_for(rules.read_text(), time_scale))
-        iv = self.interval = f'{interval_s:g}s'
+        iv = self.interval = f'{max(1, round(interval_s * 1000))}ms'   # Prometheus durations take no fractions: 0.5s is 500ms
         (self.folder/'prometheus.yml').write_text(json.dumps({
             'global': {'scrape_interval': iv, 'evaluation_interval': iv},
             'rule_files': [str(self.folder/'rules.yml')],

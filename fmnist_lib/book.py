@@ -18,7 +18,7 @@ from .runs import RunDir
 
 # %% auto #0
 __all__ = ['profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'findings_md', 'changes_md',
-           'library_notebook', 'render_library', 'build']
+           'workbench_note', 'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -217,11 +217,24 @@ def _drop_cell(cell):
     if {'slow', 'default_exp'} & set(cell.directives_): del cell['source']
     elif 'hide' in cell.directives_: cell.metadata['tags'] = list(cell.metadata.get('tags', [])) + ['remove-cell']
 
+def workbench_note(source:str, # the notebook's source, relative to the project root
+                   executed:str|None=None, # the executed copy the page shows, relative to the project root (reports)
+                  )->'nbformat.NotebookNode': # a Markdown cell
+    "A collapsed note for a notebook page: how to open its notebook in JupyterLab, and where the page's .ipynb download is."
+    what = (f"the executed report `{executed}`, or its source `{source}` to run it with other parameters (or `fmnist run`)" if executed
+            else f"`{source}`: code, prose and tests side by side; run it top to bottom in the project's kernel")
+    c = nbformat.v4.new_markdown_cell(":::{admonition} Open this notebook in JupyterLab\n:class: note dropdown\n\n"
+                                      f"Run `make lab` in the project (JupyterLab on 127.0.0.1; it prints the URL with its token) and open {what}. "
+                                      "The download button at the top of this page gives this page's `.ipynb`.\n:::")
+    c.metadata['tags'] = ['workbench']
+    return c
+
 def library_notebook(src:Path)->'nbformat.NotebookNode':
     "A renderable copy of a library notebook: hidden/slow cells dropped, directives removed, show_doc cells added."
     from execnb.nbio import nb2dict
     from nbdev.process import NBProcessor
     from nbdev.processors import add_show_docs
+    note = workbench_note(f"nbs/{Path(src).name}")  # before the loop below reuses the name `src` for cell sources
     proc = NBProcessor(src, procs=[_drop_cell, add_show_docs]); proc.process()
     nb = nbformat.from_dict(nb2dict(proc.nb))
     cells = []
@@ -231,11 +244,14 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
         tags = list(c.get('metadata', {}).get('tags', []))
         if c.cell_type == 'code' and src.startswith('show_doc('): tags.append('remove-input')  # show the docs, not the call
         if tags: new.metadata['tags'] = tags
+        if c.cell_type == 'code' and 'mystnb' in c.get('metadata', {}): new.metadata['mystnb'] = c.metadata['mystnb']  # figure alt text and caption
         cells.append(new)
     head = nbformat.v4.new_code_cell('from nbdev.showdoc import show_doc\nfrom fmnist_lib.book import _clean_show_doc\n'
                                      'import IPython\nIPython.get_ipython().display_formatter.formatters["text/markdown"].for_type_by_name('
                                      '"nbdev.showdoc", "BasicMarkdownRenderer", lambda r: _clean_show_doc(r._repr_markdown_()))')
     head.metadata['tags'] = ['remove-cell']
+    at = next((i + 1 for i, c in enumerate(cells) if c.cell_type == 'markdown' and c.source.startswith('# ')), 0)
+    cells.insert(at, note)
     return nbformat.v4.new_notebook(cells=[head] + cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
 
 # %% ../nbs/13_book.ipynb #c15
@@ -286,6 +302,9 @@ def _copy_reports(profile:str, dest:Path, root=None)->list:
             for c in nb.cells:
                 if c.cell_type == 'markdown' and c.source.startswith('# '):
                     first, _, rest = c.source.partition('\n'); c.source = f"{first}: {run}\n{rest}"; break
+        source = (idx.get(p.name) or {}).get('notebook') or nb.metadata.get('papermill', {}).get('input_path') or '?'
+        at = next((i + 1 for i, c in enumerate(nb.cells) if 'provenance' in c.metadata.get('tags', [])), 1)  # under the provenance block
+        nb.cells.insert(at, workbench_note(source, f"reports/{profile}/{p.name}"))
         nbformat.write(nb, dest/p.name); out.append(dest/p.name)
     return out
 

@@ -186,7 +186,8 @@ def test_nbval_ignores_only_what_varies_and_says_why(nb):
 
 @pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_code_is_collapsed_on_the_site_except_the_parameters(nb):
-    "Readers see findings and figures first: every code cell but the parameters cell carries Jupyter Book's hide-input tag."
+    "Readers see findings and figures first: every code cell but the parameters cell carries Jupyter Book's hide-input tag (or remove-input: the findings call)."
     cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
-    wrong = [c['source'][:1] for c in cells if ('parameters' in c['metadata'].get('tags', [])) == ('hide-input' in c['metadata'].get('tags', []))]
+    hidden = lambda c: bool({'hide-input', 'remove-input'} & set(c['metadata'].get('tags', [])))
+    wrong = [c['source'][:1] for c in cells if ('parameters' in c['metadata'].get('tags', [])) == hidden(c)]
     assert not wrong, f"{nb.name}: expected hide-input on every code cell except the parameters cell, found {wrong}"

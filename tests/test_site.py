@@ -217,8 +217,13 @@ Promise.allSettled(imgs.map(i => i.decode())).then(() => {
   const wide = Array.from(document.body.querySelectorAll('*')).filter(e => e.getBoundingClientRect().right > W + 1).filter(e => {
     for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) { if (getComputedStyle(a).overflowX !== 'visible') return false; }
     return true; }).slice(0, 5).map(e => e.tagName.toLowerCase() + (e.className ? '.' + String(e.className).split(' ').join('.') : ''));
-  done({images: imgs.map(i => ({src: i.getAttribute('src'), url: i.currentSrc || i.src, loaded: i.complete && i.naturalWidth > 0,
-                               alt: i.getAttribute('alt')})),
+  // dark mode, as the theme's switch sets it: what each image is drawn on (figures are dark ink on transparent)
+  const html = document.documentElement, was = html.dataset.theme;
+  html.dataset.theme = 'dark';
+  const backdrop = imgs.map(i => getComputedStyle(i).backgroundColor);
+  html.dataset.theme = was;
+  done({images: imgs.map((i, k) => ({src: i.getAttribute('src'), url: i.currentSrc || i.src, loaded: i.complete && i.naturalWidth > 0,
+                                    alt: i.getAttribute('alt'), dark_backdrop: backdrop[k]})),
         scroll: [s.scrollWidth, s.clientWidth, window.innerWidth], wide: wide,
         search: Array.from(document.querySelectorAll('input[type=search], .search-button-field')).filter(visible).length});
 });
@@ -238,6 +243,23 @@ def _network(driver) -> list:
     return out
 
 
+def _known_axe_false_positives(v:dict) -> dict | None:
+    """The violation without the nodes that are known bugs of the bundled axe-core (3.1): it flags autocomplete="off",
+    which HTML allows on every input, as invalid (dequelabs/axe-core#1109, fixed in later releases). The theme's search
+    field carries it. Any other autocomplete value is still reported."""
+    if v['id'] == 'autocomplete-valid':
+        v = dict(v, nodes=[n for n in v['nodes'] if not re.search(r'\bautocomplete="off"', n['html'])])
+    return v if v['nodes'] else None
+
+
+def _lightness(css:str) -> float:
+    "HLS lightness (0 black, 1 white) of a CSS rgb()/rgba() colour; a transparent one counts as 0 (it shows the dark page)."
+    import colorsys
+    nums = [float(x) for x in re.findall(r'[\d.]+', css)]
+    if len(nums) < 3 or (len(nums) == 4 and nums[3] == 0): return 0.0
+    return colorsys.rgb_to_hls(*(c / 255 for c in nums[:3]))[1]
+
+
 @pytest.fixture(scope='module')
 def audit(browser):
     "Visit every page once at 1366 px and record what the quality gates check."
@@ -253,7 +275,7 @@ def audit(browser):
             driver.execute_script("console.error('fmnist-gate-probe')")
         rec = driver.execute_async_script(_AUDIT_JS)
         axe = Axe(driver); axe.inject()
-        rec['axe'] = [v for v in axe.run()['violations'] if v['impact'] in ('serious', 'critical')]
+        rec['axe'] = [v for v in (_known_axe_false_positives(v) for v in axe.run()['violations']) if v and v['impact'] in ('serious', 'critical')]
         rec['console'] = [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
         rec['requests'] = _network(driver)
         out[page] = rec
@@ -300,6 +322,13 @@ def test_every_image_loads_and_has_alt_text(audit):
     assert not no_alt, f"{len(no_alt)} images have no alt text, e.g. {no_alt[:5]}"
 
 
+def test_images_are_readable_in_dark_mode(audit):
+    "Figures are dark ink on a transparent background: in the theme's dark mode each must sit on a light backdrop."
+    pages, _ = audit
+    dark = [f"{p}: {im['src']} on {im['dark_backdrop']}" for p, r in pages.items() for im in r['images'] if _lightness(im['dark_backdrop']) < 0.6]
+    assert not dark, f"{len(dark)} images would show dark ink on the dark page, e.g. {dark[:5]}"
+
+
 def test_no_horizontal_scrolling_at_laptop_width(audit):
     "Long code lines and wide tables wrap or scroll inside their own box; the page itself never scrolls sideways."
     pages, _ = audit
@@ -338,3 +367,52 @@ def test_search_finds_offline(browser, word):
     found = {urlsplit(u).path.lstrip('/') for u in hits}
     assert all((HTML / f).is_file() for f in found), f"search results that are not pages of the site: {sorted(found)}"
     assert found & holds, f"searching {word!r}: results {sorted(found)[:5]} include none of the pages that contain it {sorted(holds)[:5]}"
+
+
+def _report_pages() -> list:
+    return sorted(p for p in (HTML / 'reports').glob('*.html') if p.name != 'none.html')
+
+
+def test_every_report_opens_with_findings_before_its_figures(site):
+    "The Findings block, generated from the stage's result, comes before the first figure and holds at least one finding."
+    pages = _report_pages()
+    assert len(pages) >= 7
+    for p in pages:
+        page = p.read_text()
+        # a heading inside a cell's output is rendered as a rubric, followed by the list of findings
+        m = re.search(r'<h2 class="rubric" id="findings">Findings</h2>\s*<ul[^>]*>(.*?)</ul>', page, re.S)
+        assert m, f"{p.name}: no Findings block"
+        assert len(re.findall(r'<li>', m[1])) >= 2, f"{p.name}: the Findings block lists less than two findings"
+        first_img = page.find('<img')
+        assert first_img == -1 or m.start() < first_img, f"{p.name}: a figure comes before the findings"
+
+
+def test_report_figures_have_captions(site):
+    "Every figure of a report is a <figure> with a caption, not a bare image."
+    bare = []
+    for p in _report_pages():
+        page = p.read_text()
+        for m in re.finditer(r'<img [^>]*>', page):
+            fig_open, fig_close = page.rfind('<figure', 0, m.start()), page.rfind('</figure>', 0, m.start())
+            end = page.find('</figure>', m.end())
+            if fig_open <= fig_close or end == -1 or '<figcaption' not in page[m.end():end]:
+                bare.append(f"{p.name}: {m[0][:90]}")
+    assert not bare, f"{len(bare)} report images without a captioned figure, e.g. {bare[:5]}"
+
+
+def test_every_notebook_page_says_how_to_open_it_and_offers_the_ipynb(site):
+    "Report and library pages name `make lab` and a notebook path that exists in the project, and link a downloadable .ipynb."
+    import html as h
+    pages = _report_pages() + sorted((HTML / 'library').glob('*.html'))
+    assert len(pages) >= 20
+    for p in pages:
+        page = p.read_text()
+        text = h.unescape(re.sub(r'<[^>]+>', '', page))
+        assert 'make lab' in text, f"{p.relative_to(HTML)}: does not say how to open its notebook in JupyterLab"
+        own = [f"nbs/{p.stem}.ipynb"] if p.parent.name == 'library' else [f"reports/smoke/{p.stem}.ipynb"] + \
+              [q for q in re.findall(r'nbs/experiments/[\w.-]+\.ipynb', text)][:1]
+        assert len(own) == 2 or p.parent.name == 'library', f"{p.relative_to(HTML)}: does not name its source notebook in nbs/experiments/"
+        for q in own:
+            assert q in text and (REPO / q).is_file(), f"{p.relative_to(HTML)}: does not name its notebook {q}, or it does not exist"
+        ipynb = [u for u in re.findall(r'href="([^"]+\.ipynb)"', page)]
+        assert any((p.parent / unquote(u)).resolve().is_file() for u in ipynb), f"{p.relative_to(HTML)}: no working .ipynb download link ({ipynb})"

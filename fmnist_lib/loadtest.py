@@ -17,7 +17,7 @@ from .serve import OnnxModel
 
 # %% auto #0
 __all__ = ['PRICE', 'TARGETS', 'SERVE_RULES', 'percentiles', 'time_calls', 'ServerProcess', 'npy_bytes', 'hey', 'ServeResult',
-           'servable_copy', 'serve_stage']
+           'servable_copy', 'serve_stage', 'serve_findings']
 
 # %% ../nbs/18_loadtest.ipynb #c5
 PRICE = {'vm': 'AWS EC2 m7g.large (2 vCPU, 8 GiB, Linux, us-east-1, On-Demand)', 'usd_per_hour': 0.0816,
@@ -232,3 +232,29 @@ def serve_stage(profile:str, # the profile (names the report folder)
     res = ServeResult(profile, prov, list(runs), served, models, http, cost, targets, round(time.perf_counter() - t0, 1))
     res.to_json(out/'serve.json')
     return res
+
+# %% ../nbs/18_loadtest.ipynb #c12
+def serve_findings(r:ServeResult, # the serve stage's result
+                  )->str: # Markdown: a heading and one bullet per finding
+    "The findings block of the serving page: what was served, that ONNX computes what torch does, latency, throughput, cost and the targets."
+    fid, c = r.models[r.served]['fidelity'], r.cost
+    lines = [f"Served **{r.served}**, the highest validation accuracy ({100 * r.models[r.served]['val_acc']:.2f} %) among {len(r.runs)} runs; "
+             f"on {fid['images']:,} test images ONNX Runtime's classes agree with torch's on {100 * fid['class_agreement']:.2f} % "
+             f"(accuracy {100 * fid['acc_torch']:.2f} % torch, {100 * fid['acc_onnx']:.2f} % ONNX, {100 * fid['acc_int8']:.2f} % static int8)."]
+    for n, h in r.http.items():
+        q = h['sequential']['none']
+        lines.append(f"One image per request to **{n}** over loopback: p50 {q['p50']:.2f} ms, p95 {q['p95']:.2f} ms, p99 {q['p99']:.2f} ms "
+                     f"({q['n']:,} sequential requests)" + ''.join(f"; with {t}: p95 {v['p95']:.2f} ms" for t, v in h['sequential'].items() if t != 'none') + ".")
+        best = max(h['load'], key=lambda x: x['images_per_s']) if h['load'] else None
+        if best: lines.append(f"Under load ({best['concurrency']} `hey` workers), **{n}** peaks at {best['images_per_s']:,.0f} images/s in batches of {best['batch']}, "
+                              f"{sum(x['errors'] for x in h['load'])} failed requests in all.")
+    for n, m in r.models.items():
+        lines.append(f"In-process, **{n}**: ONNX Runtime is {m['onnx_ms_speedup_batch1']:.1f}× eager torch at batch 1 (p50), "
+                     f"static int8 is {m['int8_speedup_batch256']:.2f}× fp32 ONNX at batch 256.")
+    if c.get('batched'):
+        lines.append(f"Cost of **{c['run']}**: ${c['batched']['usd_per_1000']:.7f} per 1,000 predictions in batches of {c['batched']['batch']}"
+                     + (f", ${c['single']['usd_per_1000']:.7f} one image per request" if c.get('single') else '')
+                     + f", on {c['vm']} at ${c['usd_per_hour']}/h ({c['source']}, {c['date']}).")
+    for k, t in r.targets.items():
+        lines.append(f"Target {k} on **{t['model']}**: {t['target']}, measured {t['measured']:,.2f}: {'met' if t['met'] else '**not met**'}.")
+    return "## Findings\n\n" + '\n'.join(f"- {l}" for l in lines) + "\n"

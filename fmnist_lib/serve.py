@@ -327,18 +327,24 @@ class Server:
 
 # %% ../nbs/17_serve.ipynb #c20
 class Problem(BaseModel):
+    "An error answer: what was wrong."
     detail: str = Field(description="what was wrong, naming the limit or the expected input")
 class Prediction(BaseModel):
+    "One image's prediction."
     class_: int = Field(alias='class'); label: str; confidence: float; probabilities: list[float]
 class PredictResponse(BaseModel):
+    "The answer of /v1/predict: who answered, and one prediction per image."
     request_id: str; model: str; version: str; variant: str; predictions: list[Prediction]
 class Feedback(BaseModel):
+    "A true label for an earlier prediction."
     request_id: str = Field(description="the request_id a prediction answered with")
     label: int|str = Field(description="the true class: its index or its name")
     item: int = Field(0, description="which image of a batch request (0 for a single image)")
 class FeedbackStored(BaseModel):
+    "What /v1/feedback stored."
     status: str; request_id: str; item: int; label: int
 class Health(BaseModel):
+    "Liveness or readiness."
     status: str
 
 ROUTES = ('/v1/predict', '/v1/feedback', '/v1/models', '/healthz', '/readyz', '/metrics')
@@ -496,7 +502,7 @@ def predict_files(model:OnnxModel, # the model
                   progress:bool=True, # a progress bar
                  )->tuple: # (rows, stats): one row per image or failed file; stats {'images', 'failed_files', 'seconds', 'images_per_s'}
     "Predict every image of every input; a file that cannot be read becomes one row with its error and the run goes on."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm   # the console bar: tqdm.auto wants Jupyter widgets and warns without them
     rows, failed, n, t0 = [], 0, 0, time.perf_counter()
     for f in tqdm(input_files(paths), desc='predict', unit='file', disable=not progress):
         try: x = read_file(f)

@@ -22,7 +22,7 @@ from .monitor import DriftMetrics, Reference, detect
 
 # %% auto #0
 __all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'MONITOR_RULES', 'SLO_P95', 'SLO_ERRORS', 'SLO_TARGETS',
-           'stream_windows', 'embeddings', 'MonitorResult', 'monitor_stage']
+           'stream_windows', 'embeddings', 'MonitorResult', 'monitor_stage', 'monitor_findings']
 
 # %% ../nbs/20_stream.ipynb #c6
 STREAM_CORRUPTIONS = ('brightness', 'blur', 'noise')   # the gradual shift: each image gets one of these at the window's severity
@@ -265,3 +265,22 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                         round(time.perf_counter() - t0, 1))
     res.to_json(out.parent/'monitor.json')
     return res
+
+# %% ../nbs/20_stream.ipynb #c13
+def monitor_findings(r:MonitorResult, # the monitor stage's result
+                    )->str: # Markdown: a heading and one bullet per finding
+    "The findings block of the monitoring page: false alarms, detection delays, the accuracy estimate, alerts, the decision and the SLOs."
+    fired = sorted({a for n in r.alerts if n['status'] == 'firing' for a in n['alerts']})
+    sl = r.slo
+    lines = [f"{len(r.windows)} windows of {r.window} images through the server to **{r.model}**; false alarms on clean windows at level {r.alpha}: "
+             + ', '.join(f"{k} {v:.0%}" for k, v in r.false_alarms.items()) + ".",
+             "Detection delay in windows from the start of each shift (0 = its first window): " + '; '.join(
+                 f"{s}: " + ', '.join(f"{k} {'never' if v is None else v}" for k, v in d.items()) for s, d in r.delays.items()) + ".",
+             f"Accuracy estimated without labels is off by {100 * r.accuracy_error['mean_abs']:.1f} points on average (worst {100 * r.accuracy_error['max_abs']:.1f}).",
+             f"Alerts delivered to the webhook: {', '.join(fired) or 'none'}. Decision: **{r.decisions[-1]['decision']}**, {r.decisions[-1]['why']}.",
+             f"SLOs over the day ({sl['requests']:,} steady requests): worst-window p95 "
+             + (f"{1000 * sl['p95_s_worst_window']:.1f} ms" if sl['p95_s_worst_window'] is not None else 'not measured')
+             + f" (≤ {1000 * sl['targets']['p95_s']:.0f} ms: {'met' if sl['met']['p95_s'] else '**not met**'}), availability {100 * sl['availability']:.2f} % "
+             f"(≥ {100 * sl['targets']['availability']:.1f} %: {'met' if sl['met']['availability'] else '**not met**'})."]
+    for k, t in r.targets.items(): lines.append(f"Target {k}: {t['target']}: {'met' if t['met'] else '**not met**'} (measured {t['measured']}).")
+    return "## Findings\n\n" + '\n'.join(f"- {l}" for l in lines) + "\n"

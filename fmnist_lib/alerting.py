@@ -7,17 +7,12 @@ from __future__ import annotations
 import json, re, shutil, socket, subprocess, threading, time, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from .core import FmnistError, utc_now
+from .core import FmnistError, free_port, utc_now
 
 # %% auto #0
-__all__ = ['free_port', 'check_port', 'tool', 'Webhook', 'scale_for', 'Alerting']
+__all__ = ['check_port', 'tool', 'Webhook', 'scale_for', 'Alerting']
 
 # %% ../nbs/18a_alerting.ipynb #c5
-def free_port()->int:
-    "A TCP port on 127.0.0.1 that is free now."
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 def check_port(port:int, # the port to bind
                who:str, # what wants it, for the message
               )->int: # `port`

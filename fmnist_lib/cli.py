@@ -133,13 +133,9 @@ def cmd_export(a)->int:
 
 def _ensure_servable(spec:str, store, tta:str='none', int8:bool=False)->None:
     "Export the ONNX graph of a model before it is served, when torch is here to do it (the serving image has none)."
-    from fmnist_lib.core import read_json, sha256_file
-    from fmnist_lib.store import onnx_file, resolve
+    from fmnist_lib.store import onnx_fresh, resolve
     folder = resolve(spec, store)
-    g = onnx_file(folder, tta, int8)
-    try:   # a graph made from these very weights: nothing to do, and no torch to import (seconds per server start)
-        if (read_json(g.with_suffix('.json'))['weights_sha256'] == sha256_file(folder/'model.safetensors')): return
-    except (OSError, ValueError, KeyError, TypeError): pass
+    if onnx_fresh(folder, tta, int8): return   # made from these very weights: no torch to import (seconds per server start)
     try: from fmnist_lib.export import ensure_onnx
     except ImportError: return   # no torch: the graph must have been exported already; the server says so if not
     ensure_onnx(folder, tta, int8=int8, calibration=_calibration(folder) if int8 else None)

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #c3
 from __future__ import annotations
-import contextlib, dataclasses, datetime, fcntl, hashlib, json, logging, os, platform, random, re, subprocess, sys, tempfile
+import contextlib, dataclasses, datetime, fcntl, hashlib, json, logging, os, platform, random, re, socket, subprocess, sys, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
-           'umask', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file', 'seed_everything',
-           'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info', 'provenance',
-           'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock', 'Result',
-           'get_logger']
+           'umask', 'free_port', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file',
+           'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info',
+           'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock',
+           'Result', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #c6
 class FmnistError(Exception):
@@ -86,6 +86,11 @@ def project_paths(root:Path|str|None=None, # project root; default `$FMNIST_ROOT
 def umask()->int: # the process umask (read without changing it)
     "The file-creation mask in force: what modes files and folders we create end up with."
     m = os.umask(0); os.umask(m); return m
+
+def free_port()->int: # a TCP port on 127.0.0.1 that is free now
+    "A free TCP port on 127.0.0.1, for a server started on loopback (the serve and monitor stages)."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 @contextlib.contextmanager
 def atomic_write(path:Path|str, # the file to create or replace

@@ -10,7 +10,7 @@ import numpy as np
 import torch, torch.nn as nn
 from .core import FmnistError, atomic_write, get_logger, read_json, sha256_file, utc_now, write_json
 from .models import Ensemble, Model, shift
-from .store import ONNX_FORMAT, onnx_file
+from .store import ONNX_FORMAT, onnx_file, onnx_fresh
 
 # %% auto #0
 __all__ = ['OPSET', 'OnnxGraph', 'export_onnx', 'quantize_int8', 'ensure_onnx']
@@ -110,12 +110,10 @@ def ensure_onnx(folder:Path|str, # a model folder
     folder = Path(folder); f = onnx_file(folder, tta)
     for need in ('model.json', 'model.safetensors'):
         if not (folder/need).is_file(): raise FmnistError(f"model folder {folder}: expected {need}, found no such file")
-    meta = read_json(f.with_suffix('.json')) if f.with_suffix('.json').is_file() else {}
-    if not f.is_file() or meta.get('weights_sha256') != sha256_file(folder/'model.safetensors'): export_onnx(folder, tta)
+    if not onnx_fresh(folder, tta): export_onnx(folder, tta)
     if not int8: return f
     q = onnx_file(folder, tta, int8=True)
-    qm = read_json(q.with_suffix('.json')) if q.with_suffix('.json').is_file() else {}
-    if not q.is_file() or qm.get('weights_sha256') != sha256_file(folder/'model.safetensors'):
+    if not onnx_fresh(folder, tta, int8=True):
         if calibration is None: raise FmnistError(f"int8 graph of {folder}: expected calibration images to quantize it, found none")
         quantize_int8(folder, calibration, tta)
     return q

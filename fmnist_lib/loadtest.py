@@ -4,12 +4,12 @@
 
 # %% ../nbs/18_loadtest.ipynb #c3
 from __future__ import annotations
-import csv, io, shutil, socket, subprocess, sys, tempfile, time
+import csv, io, shutil, subprocess, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .core import (NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, one_of, project_paths, provenance,
-                             write_json)
+from .core import (NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, free_port, one_of, project_paths,
+                             provenance, write_json)
 from .data import Split
 from .export import ensure_onnx
 from .runs import RunDir
@@ -43,17 +43,13 @@ def time_calls(f, # a function of no arguments
     return out
 
 # %% ../nbs/18_loadtest.ipynb #c7
-def _free_port()->int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 class ServerProcess:
     "`fmnist serve` as a subprocess on 127.0.0.1, ready when /readyz says so; a context manager."
     def __init__(self, model:Path|str, # a model folder
                  log_dir:Path|str, # its prediction log
                  *args:str, # more `fmnist serve` options
                 ):
-        self.port = _free_port()
+        self.port = free_port()
         self.args = [str(Path(sys.executable).parent/'fmnist'), 'serve', '--model', str(model), '--port', str(self.port), '--log-dir', str(log_dir), *args]
         self.url = f'http://127.0.0.1:{self.port}'
     def __enter__(self)->'ServerProcess':

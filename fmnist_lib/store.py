@@ -6,10 +6,11 @@
 from __future__ import annotations
 import os, re, shutil, tempfile
 from pathlib import Path
-from .core import TTA, FmnistError, umask, file_lock, get_logger, project_paths, read_json, utc_now, write_json
+from .core import TTA, FmnistError, umask, file_lock, get_logger, project_paths, read_json, sha256_file, utc_now, write_json
 
 # %% auto #0
-__all__ = ['TASK', 'ONNX_FORMAT', 'store_root', 'versions', 'register', 'champion', 'promote', 'rollback', 'onnx_file', 'resolve']
+__all__ = ['TASK', 'ONNX_FORMAT', 'store_root', 'versions', 'register', 'champion', 'promote', 'rollback', 'onnx_file',
+           'onnx_fresh', 'resolve']
 
 # %% ../nbs/02a_store.ipynb #c5
 def store_root(store_dir:Path|str|None=None, # the store's folder; default: the project's reports/models/
@@ -134,6 +135,15 @@ def onnx_file(folder:Path|str, # a model folder (model.json, model.safetensors)
     "Where the ONNX graph of a model folder lives."
     if tta not in TTA: raise FmnistError(f"tta: expected one of {', '.join(TTA)}, found {tta!r}")
     return Path(folder)/'onnx'/f"{tta.replace('+', '-')}{'.int8' if int8 else ''}.onnx"
+
+def onnx_fresh(folder:Path|str, # a model folder
+               tta:str='none', # which graph
+               int8:bool=False, # the int8 graph
+              )->bool: # True when the graph and its description exist and were made from the folder's current weights
+    "Whether a model folder's ONNX graph is there and made from its current weights (torch-free: the server and the exporter ask it)."
+    g, w = onnx_file(folder, tta, int8), Path(folder)/'model.safetensors'
+    try: return read_json(g.with_suffix('.json'))['weights_sha256'] == sha256_file(w) and g.is_file()
+    except (OSError, ValueError, KeyError, TypeError): return False
 
 def resolve(spec:str, # 'champion', 'NAME:VERSION', 'NAME' (its newest version) or a model folder
             store_dir:Path|str|None=None, # the store; default reports/models/

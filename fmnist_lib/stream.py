@@ -169,7 +169,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
             with Webhook(hook_file) as hook, Alerting(out/'alerting', {'fmnist': f'127.0.0.1:{srv.port}', 'drift': f'127.0.0.1:{dport}'},
                                                        rules, hook.url, time_scale=seconds_per_window / RULES_WINDOW_S, interval_s=seconds_per_window) as al, \
                  httpx.Client(base_url=srv.url, timeout=60) as c:
-                seen, calls, stop = 0, [], threading.Event()
+                calls, stop = [], threading.Event()
                 def traffic():   # steady single-image requests beside the stream: what the SLOs are measured on
                     rng_t = np.random.default_rng(seed + 1)
                     with httpx.Client(base_url=srv.url, timeout=10) as tc:
@@ -185,8 +185,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                     r = c.post('/v1/predict', content=npy_bytes(w['images']), headers={'content-type': 'application/x-npy', 'x-client-id': 'stream'})
                     if r.status_code != 200: raise FmnistError(f"monitor: expected 200 from the server, found {r.status_code}: {r.text[:200]}")
                     rid = r.json()['request_id']
-                    logged = [e for e in read_log(log_dir)[seen:] if e['request_id'] == rid]   # the prediction log is the monitor's input
-                    seen += len(logged)
+                    logged = [e for e in read_log(log_dir) if e['request_id'] == rid]   # the prediction log is the monitor's input
                     probs = np.array([e['probs'] for e in sorted(logged, key=lambda e: e['item'])], np.float32)
                     rep = detect(ref, served.key, probs, embeddings(module, w['images']), w['labels'], alpha, seed=seed + w['index'])
                     metrics.publish(rep)

@@ -412,6 +412,7 @@ def train(cfg:TrainConfig, # what to train and how
           on_epoch_end=None, # called as f(epoch, record) after each checkpoint; tests use it to interrupt
           probe_every:int=0, # also check validation accuracy every this many steps inside epochs (0: at epoch ends only)
           probe_until:float=0.90, # stop those mid-epoch checks once validation accuracy reaches this
+          init:Path|str|None=None, # a model folder whose weights training starts from (fine-tuning); None: a fresh initialisation
          )->Trained: # the run folder, its metrics and record, and the model with the selected epoch's weights
     "Train `cfg.model`, select the epoch on validation, score the test set once, write the run folder."
     cfg.check(); check_tracking(tracking)
@@ -424,9 +425,14 @@ def train(cfg:TrainConfig, # what to train and how
     data = data if data is not None else cfg.split.load(progress)
     seed_everything(cfg.seed)
     model = Model(cfg.model, cfg.arch(), classes=data.classes)
+    if init is not None:  # fine-tuning: the same architecture, its weights as the starting point
+        start = Model.load(init)
+        if (start.kind, start.arch) != (model.kind, model.arch):
+            raise FmnistError(f"init {init}: expected a {model.kind} model with arch {model.arch}, found a {start.kind} model with arch {start.arch}")
+        model.module.load_state_dict(start.module.state_dict())
     net = model.module.to(compute.device)
     if compute.channels_last: net.to(memory_format=torch.channels_last)
-    params = asdict(cfg) | {'compute': str(compute)}
+    params = asdict(cfg) | {'compute': str(compute)} | ({'init': str(init)} if init is not None else {})
     xtr, ytr = torch.from_numpy(data.x_train).unsqueeze(1), torch.from_numpy(data.y_train)
     nan = {'acc': float('nan'), 'nll': float('nan')}
     history, curve, train_time, best = [], [], 0.0, {'val_acc': -1.0, 'epoch': -1, 'state': None}
@@ -485,7 +491,7 @@ def train(cfg:TrainConfig, # what to train and how
         if tracker.dir: write_json(run.tracking_path, {'mode': tracking, 'run_dir': str(tracker.dir), 'run_id': tracker.run.id})
     return Trained(run, metrics, record, model)
 
-# %% ../nbs/05_train.ipynb #c29
+# %% ../nbs/05_train.ipynb #c31
 @dataclass
 class TrainResult(Result):
     "The train stage's result, in the run's result.json: where the run and its model went. Its numbers live in the run's metrics.json."

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
-from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, check_values, project_paths, provenance, utc_now
+from .core import NON_NEGATIVE_INT, POSITIVE_INT, FmnistError, Result, atomic_write, check_values, project_paths, provenance, sha256_file, utc_now
 from .data import Split
 from .robustness import corrupt
 from .runs import RunDir
@@ -22,7 +22,8 @@ from .monitor import DriftMetrics, Reference, detect
 
 # %% auto #0
 __all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'MONITOR_RULES', 'SLO_P95', 'SLO_ERRORS', 'SLO_TARGETS',
-           'stream_windows', 'embeddings', 'MonitorResult', 'monitor_stage', 'monitor_findings']
+           'LABELLED_FILE', 'JUDGE_FILE', 'stream_windows', 'embeddings', 'MonitorResult', 'save_images',
+           'monitor_stage', 'monitor_findings']
 
 # %% ../nbs/20_stream.ipynb #c6
 STREAM_CORRUPTIONS = ('brightness', 'blur', 'noise')   # the gradual shift: each image gets one of these at the window's severity
@@ -39,7 +40,7 @@ def stream_windows(x:np.ndarray, # uint8 test images (n, 28, 28)
                    surge_class:int=8, # the class that surges (8: Bag)
                    surge_share:float=0.5, # its share of a label-shift window
                    seed:int=0, # image choice and corruption
-                  )->list: # [{'index', 'phase', 'severity', 'images', 'labels'}]
+                  )->list: # [{'index', 'phase', 'severity', 'images', 'labels', 'rows'}]; rows: the images' rows of `x`
     "The simulated day: clean → brightness/blur/noise at severities 1-5 → one class surging → clean again."
     if window < 2 or window > len(x): raise FmnistError(f"window: expected 2 to {len(x)} images, found {window}")
     rng, out = np.random.default_rng(seed), []
@@ -50,7 +51,7 @@ def stream_windows(x:np.ndarray, # uint8 test images (n, 28, 28)
             for k, c in enumerate(STREAM_CORRUPTIONS):
                 m = kind == k
                 if m.any(): imgs[m] = corrupt(imgs[m], c, severity, seed + len(out))
-        out.append({'index': len(out), 'phase': phase, 'severity': severity, 'images': imgs, 'labels': y[idx]})
+        out.append({'index': len(out), 'phase': phase, 'severity': severity, 'images': imgs, 'labels': y[idx], 'rows': np.asarray(idx)})
     pick = lambda: rng.choice(len(x), window, replace=False)
     for _ in range(clean): add('clean', 0, pick())
     for s in range(1, 6):
@@ -113,6 +114,15 @@ def _scalar(al:Alerting, expr:str)->float|None:
     x = float(v[0]['value'][1]) if v else None
     return None if x is None or x != x else x
 
+LABELLED_FILE, JUDGE_FILE = 'labelled.npz', 'judge.npz'   # in the monitor folder: what the retrain stage trains on and is judged on
+
+def save_images(path:Path, # the .npz file to create or replace (atomically)
+                **arrays, # images (uint8), labels, window, rows, ...
+               )->dict: # {'file': its name, 'sha256', 'n'}: what the audit log records
+    "Images and labels for the retrain stage, as one .npz, with the digest the retrain stage checks."
+    with atomic_write(path) as f: np.savez(f, **arrays)
+    return {'file': path.name, 'sha256': sha256_file(path), 'n': int(len(arrays['labels']))}
+
 def _delays(rows:list, phase:str, detectors:tuple)->dict:
     start = next((r['index'] for r in rows if r['phase'] == phase), None)
     if start is None: return {}
@@ -160,6 +170,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     windows = stream_windows(data.x_test, data.y_test, window, clean, per_severity, label_shift, recovery, seed=seed)
     rows, metrics = [], DriftMetrics()
     hook_file = out/'alerts.jsonl'; hook_file.unlink(missing_ok=True)
+    for f in (LABELLED_FILE, JUDGE_FILE): (out/f).unlink(missing_ok=True)   # a decision's files are its own run's
     log_dir = out/'log'
     for f in log_dir.glob('*.jsonl*'): f.unlink()
     rules = paths.root/'deploy'/'prometheus'/'rules.yml'   # the rules `promtool test rules` checks in make test
@@ -230,16 +241,26 @@ def monitor_stage(profile:str, # the profile (names the report folder)
         cand = np.concatenate([served.predict_proba(w['images']) for w in pick_from])
         entropy = -(cand * np.log(np.clip(cand, 1e-12, 1))).sum(1)
         chosen = np.argsort(-entropy)[:label_budget]
+        judge = [w for w in windows if w['index'] in {d['index'] for d in drifted}][max(1, len(drifted) // 2):]
+        cat = lambda ws, k: np.concatenate([w[k] for w in ws]) if ws else np.zeros(0, np.int64)
+        wid = lambda ws: np.concatenate([np.full(len(w['labels']), w['index']) for w in ws]) if ws else np.zeros(0, np.int64)
+        # the labelling oracle (the chosen images with their labels) and the judge windows, for the retrain stage;
+        # rows are the images' rows of the test split, so the retrain stage can keep a source image out of both
+        files = {'labelled': save_images(out/LABELLED_FILE, images=cat(pick_from, 'images')[chosen], labels=cat(pick_from, 'labels')[chosen],
+                                         window=wid(pick_from)[chosen], rows=cat(pick_from, 'rows')[chosen], entropy=entropy[chosen]),
+                 'judge': save_images(out/JUDGE_FILE, images=cat(judge, 'images') if judge else np.zeros((0, 28, 28), np.uint8),
+                                      labels=cat(judge, 'labels'), window=wid(judge), rows=cat(judge, 'rows'))}
         ev = {'alerts': fired, 'drifted_windows': [d['index'] for d in drifted], 'accuracy_validation': kv / nv, 'accuracy_drifted': k / n,
               'difference': drop['diff'], 'ci': [drop['lo'], drop['hi']], 'p_value': drop['p_value'],
               'labelling': {'budget': label_budget, 'from_windows': [w['index'] for w in pick_from], 'by': 'entropy', 'chosen': int(len(chosen)),
                             'mean_entropy_chosen': float(entropy[chosen].mean()), 'mean_entropy_all': float(entropy.mean())},
-              'judge_windows': [d['index'] for d in drifted][max(1, len(drifted) // 2):]}
+              'judge_windows': [w['index'] for w in judge], 'files': files}
         significant = drop['hi'] < 0
         decisions.append({'time': utc_now(), 'decision': 'retrain requested' if significant else 'keep',
                           'why': (f"drift alerted ({', '.join(fired)}) and labelled accuracy fell by {-drop['diff']:.3f} (95 % CI {-drop['hi']:.3f} to {-drop['lo']:.3f})"
                                   if significant else "drift alerted but no significant accuracy drop in the labelled windows"),
-                          'retraining': 'not built yet: the candidate would be trained on the chosen images and judged by McNemar on the judge windows',
+                          'retraining': (f"the retrain stage (nbs/experiments/10_retrain.ipynb) fine-tunes a candidate on {LABELLED_FILE} and judges it "
+                                         f"against the champion by McNemar on {JUDGE_FILE}") if significant else 'none: no significant drop',
                           'evidence': ev})
     else:
         decisions.append({'time': utc_now(), 'decision': 'keep', 'why': 'no drift alert' if not fired else 'no drifted window', 'evidence': {'alerts': fired}})
@@ -265,7 +286,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     res.to_json(out.parent/'monitor.json')
     return res
 
-# %% ../nbs/20_stream.ipynb #c13
+# %% ../nbs/20_stream.ipynb #c14
 def monitor_findings(r:MonitorResult, # the monitor stage's result
                     )->str: # Markdown: a heading and one bullet per finding
     "The findings block of the monitoring page: false alarms, detection delays, the accuracy estimate, alerts, the decision and the SLOs."

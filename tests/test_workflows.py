@@ -38,3 +38,10 @@ def test_ci_runs_make_test_and_pages_publishes_the_built_site():
     build = pages['jobs']['build']['steps']
     assert any('make all' in s.get('run', '') for s in build)
     assert any(s.get('uses', '').startswith('actions/upload-pages-artifact') and s['with']['path'] == 'book/_build/html' for s in build)
+
+
+def test_ci_checks_out_the_whole_history():
+    "tests/test_readme.py traces every benchmark record to a commit of this repository: a shallow clone (checkout's default fetch-depth 1) lacks those commits."
+    ci = yaml.safe_load((WORKFLOWS / 'ci.yml').read_text())
+    checkouts = [s for j in ci['jobs'].values() for s in j['steps'] if s.get('uses', '').startswith('actions/checkout@')]
+    assert checkouts and all((s.get('with') or {}).get('fetch-depth') == 0 for s in checkouts), checkouts

@@ -193,6 +193,25 @@ def test_training_with_tracking_writes_nothing_to_home(smoke_data, tmp_path, mon
     assert files_under(home) == [], f"training wrote into $HOME: {files_under(home)}"
 
 
+def test_wandb_mode_in_the_environment_does_not_override_the_tracking_parameter(smoke_data, tmp_path, monkeypatch):
+    """README: the `tracking` parameter decides the mode; WANDB_MODE=online in the environment does not override it.
+    No API key, no netrc (an empty $HOME) and a W&B server nobody listens on: an online run could not start here."""
+    root, home = tmp_path / 'project', tmp_path / 'home'
+    home.mkdir()
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.setenv('FMNIST_ROOT', str(root))
+    for k in ('WANDB_DIR', 'WANDB_CACHE_DIR', 'WANDB_DATA_DIR', 'WANDB_CONFIG_DIR', 'WANDB_API_KEY', 'NETRC', 'XDG_CONFIG_HOME'):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('WANDB_MODE', 'online')
+    monkeypatch.setenv('WANDB_BASE_URL', 'http://127.0.0.1:9')
+    monkeypatch.setenv('WANDB_INIT_TIMEOUT', '20')
+    train(smoke_cfg(epochs=1), tmp_path / 'run', data=smoke_data, progress=False, tracking='offline')
+    run_dir = Path(json.loads((tmp_path / 'run' / 'tracking.json').read_text())['run_dir'])
+    assert run_dir.is_relative_to(root / 'wandb') and run_dir.name.startswith('offline-run-'), run_dir
+    assert [p.name for p in (root / 'wandb').glob('wandb/run-*')] == [], "an online run folder was made too"
+    assert [r.WhichOneof('record_type') for r in wandb_records_complete(next(run_dir.glob('*.wandb')))][-1] == 'exit'
+
+
 def test_kill_9_mid_training_then_resume_ends_like_an_uninterrupted_run(smoke_data, tmp_path):
     "A real training process killed with SIGKILL (no cleanup runs) resumes from its last checkpoint to the same result."
     cfg = dict(SMOKE | {'model': 'cnn', 'widths': [16, 32], 'convs': [1, 1], 'epochs': 6})

@@ -22,16 +22,16 @@ LOGIT_TOLERANCE = {'fp32': 1e-3, 'bf16': 0.1}  # max |logit difference| between 
 
 def check_saved(run:RunDir, # the run whose saved logits are checked
                 data:Data, # the data they must have been made on
-                n:int=1000, # test images to predict again
+                n:int|None=None, # test images to predict again (the first n); None: all of them
                 compute=None, # a `core.Compute` (default: the machine's choice)
                )->dict: # {'n', 'agreement', 'max_abs_diff', 'tolerance', 'saved_acc', 'reported_acc', 'again_acc', 'saved_acc_same_images'}
-    "Prove the run's saved test logits are its model's and its reported accuracy is theirs; raise otherwise."
+    "Prove the run's saved model re-predicts its saved test logits and its reported accuracy is theirs; raise otherwise."
     compute = compute or pick_compute()
     m = run.metrics()
     saved = run.saved_logits(data, m.tta)
     if saved is None:
         raise FmnistError(f"run {run.name}: expected saved predictions in {run.predictions_path} made on this split with tta {m.tta}, found none that fit")
-    k = min(n, len(data.y_test))
+    k = len(data.y_test) if n is None else min(n, len(data.y_test))
     again = run.load_model().logits(data.x_test[:k], tta=m.tta, compute=compute)
     tol = LOGIT_TOLERANCE['bf16' if compute.amp_dtype else 'fp32']
     diff = float((again - saved['test'][:k]).abs().max()) if k else 0.0
@@ -41,9 +41,14 @@ def check_saved(run:RunDir, # the run whose saved logits are checked
            'again_acc': float((again.argmax(1).numpy() == data.y_test[:k]).mean()) if k else float('nan'),
            'saved_acc_same_images': float((saved['test'][:k].argmax(1).numpy() == data.y_test[:k]).mean()) if k else float('nan')}
     problems = []
-    if agree < 0.99: problems.append(f"the model predicts other classes on {100 * (1 - agree):.1f} % of {k} test images")
+    if agree < 1: problems.append(f"the model predicts other classes on {round(k * (1 - agree))} of {k} test images")
     if diff > tol: problems.append(f"its logits differ by up to {diff:.4f} (tolerance {tol})")
-    if round(acc * len(data.y_test)) != round(m.test_acc * len(data.y_test)): problems.append(f"the saved logits score {acc:.6f}, the run reported {m.test_acc:.6f}")
+    hits = lambda a, m=len(data.y_test): round(a * m)   # accuracies compared as counts of correct images
+    if k == len(data.y_test) and hits(out['again_acc']) != hits(m.test_acc):
+        problems.append(f"the re-predictions score {out['again_acc']:.6f}, the run reported {m.test_acc:.6f}")
+    if k < len(data.y_test) and hits(out['again_acc'], k) != hits(out['saved_acc_same_images'], k):
+        problems.append(f"the re-predictions score {out['again_acc']:.6f} on {k} test images, the saved logits {out['saved_acc_same_images']:.6f}")
+    if hits(acc) != hits(m.test_acc): problems.append(f"the saved logits score {acc:.6f}, the run reported {m.test_acc:.6f}")
     if problems: raise FmnistError(f"run {run.name}: expected its saved model and logits to reproduce its report, found: " + '; '.join(problems))
     return out
 
@@ -66,7 +71,8 @@ class EvaluateResult(Result):
     wall_time_s: float      # seconds the stage took
 
 EVALUATE_RULES = {'n_boot': POSITIVE_INT, 'cv_folds': (lambda v: v == 0 or (POSITIVE_INT[0](v) and v >= 2), '0 (off) or at least 2 folds'),
-                  'bins': POSITIVE_INT, 'check_images': NON_NEGATIVE_INT, 'seed': NON_NEGATIVE_INT}
+                  'bins': POSITIVE_INT, 'check_images': (lambda v: v is None or POSITIVE_INT[0](v), 'None (all) or a positive number of test images'),
+                  'seed': NON_NEGATIVE_INT}
 
 def evaluate_stage(profile:str, # the profile (names the report folder)
                    runs:list, # run names to evaluate (the pipeline supplies the profile's train and ensemble runs)
@@ -74,7 +80,7 @@ def evaluate_stage(profile:str, # the profile (names the report folder)
                    n_boot:int=1000, # bootstrap resamples per confidence interval
                    cv_folds:int=5, # folds of the baselines' cross-validation; 0 turns it off
                    bins:int=15, # confidence bins of the calibration error
-                   check_images:int=1000, # test images each saved model predicts again
+                   check_images:int|None=None, # test images each saved model predicts again; None: all
                    seed:int=0, # seed of the bootstrap and the folds
                    out_dir:Path|str|None=None, # where evaluation.json goes (default reports/<profile>/)
                    root:Path|str|None=None, # project root

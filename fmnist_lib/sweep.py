@@ -13,7 +13,7 @@ from .runs import RunDir
 
 # %% auto #0
 __all__ = ['SPEC_KEYS', 'DISTRIBUTIONS', 'SweepError', 'load_spec', 'slug', 'points', 'ray_temp_dir', 'ray_env',
-           'check_resources', 'connect', 'run_sweep']
+           'check_resources', 'connect', 'choose_point', 'run_sweep']
 
 # %% ../nbs/14_sweep.ipynb #c5
 class SweepError(FmnistError):
@@ -192,13 +192,23 @@ def _metrics(job:Job)->dict:
     return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 # %% ../nbs/14_sweep.ipynb #c15
+def choose_point(rows:list, # summary rows, one per point, each with its metrics
+                 metric:str, # the validation metric that ranks them (higher is better)
+                )->tuple: # (rows without test-set figures, the chosen point's row with its test figures, or None)
+    "Rank the ok points on `metric` (ties: the point name); only the chosen point keeps its test-set figures (`test_*`)."
+    ok = [r for r in rows if r.get('status') == 'ok' and isinstance(r.get(metric), (int, float))]
+    best = min(ok, key=lambda r: (-r[metric], r['point'])) if ok else None
+    chosen = None if best is None else {'point': best['point'], metric: best[metric], **{k: v for k, v in best.items() if k.startswith('test_')},
+                                        'note': f"chosen on {metric} alone; its test figures are the only ones this summary keeps"}
+    return [{k: v for k, v in r.items() if not k.startswith('test_')} for r in rows], chosen
+
 def run_sweep(spec_path:Path|str, # the sweep spec (YAML)
               address:str|None=None, # Ray cluster host:port (default: $RAY_ADDRESS, else embedded Ray)
               max_parallel:int|None=None, # points running at once (default: as many as resources allow)
               num_cpus:int|None=None, # CPUs of an embedded Ray
               root=None, # project root
               echo=print, # where progress lines go
-             )->dict: # also summary.json: {name, spec, swept, metric, points: [one row per point], wall_s, nodes, finished_at}
+             )->dict: # also summary.json: {name, spec, swept, metric, points: [one row per point, no test figures], chosen, wall_s, nodes, finished_at}
     "Run every point not yet completed as a Ray task; write summary.csv/json and the summary notebook; return the summary."
     spec = load_spec(spec_path)
     jobs = points(spec, root)
@@ -243,8 +253,9 @@ def _run_sweep_locked(spec:dict, jobs:list, out:Path, address, max_parallel, num
                      **(_metrics(j) if d.get('status') == 'ok' else {}), 'wall_s': d.get('wall_s'), 'node_ip': d.get('node_ip'),
                      'node_id': d.get('node_id'), 'notebook': j.output.name if d.get('status') == 'ok' else f"failed/{j.output.name}",
                      'error': (d.get('error') or '').splitlines()[0] if d.get('error') else None})
+    rows, chosen = choose_point(rows, spec.get('metric', 'val_acc'))
     summary = {'name': spec['name'], 'spec': {k: v for k, v in spec.items() if k != '_path'}, 'swept': swept,
-               'metric': spec.get('metric', 'val_acc'), 'points': rows, 'wall_s': round(time.perf_counter() - t0, 1),
+               'metric': spec.get('metric', 'val_acc'), 'points': rows, 'chosen': chosen, 'wall_s': round(time.perf_counter() - t0, 1),
                'nodes': sorted({r['node_id'] for r in rows if r['node_id']}),
                'finished_at': utc_now()}
     write_json(out/'summary.json', summary)

@@ -65,6 +65,10 @@ def test_smoke_sweep_runs_each_point_as_a_ray_task_and_skips_completed_ones(proj
     assert all((out / f"{row['point']}.ipynb").is_file() for row in rows)
     assert (out / 'summary.ipynb').is_file() and (out / 'summary.json').is_file()
     assert {row['node_ip'] for row in rows} == {'127.0.0.1'}
+    s = json.loads((out / 'summary.json').read_text())   # test accuracy of the chosen point only, labelled as such
+    assert not [k for row in rows for k in row if k.startswith('test_')] and not [k for p in s['points'] for k in p if k.startswith('test_')]
+    best = max(rows, key=lambda row: (float(row['val_acc']), [-ord(c) for c in row['point']]))
+    assert s['chosen']['point'] == best['point'] and 0 < s['chosen']['test_acc'] <= 1 and 'val_acc' in s['chosen']['note']
     r = in_netns(f'fmnist sweep {spec}', project)
     assert r.returncode == 0 and '4 already complete, 0 to run' in r.stdout
     assert files_under(project.parent / 'home') == [], "a sweep (Ray, papermill, training) wrote into $HOME"

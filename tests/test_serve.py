@@ -323,3 +323,28 @@ print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))
     r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == '[]', f"torch was imported: {r.stdout[:300]}"
+
+
+def test_concurrent_promotions_take_turns(tmp_path):
+    "Four processes force-promote ten versions each at the same moment: champions.json stays valid JSON and records all 40 changes as one chain."
+    from fmnist_lib.store import champion
+    store = tmp_path / 'store'
+    names = [f'w{w}v{i}' for w in range(4) for i in range(10)]
+    for v in names:
+        (store / 'm' / v).mkdir(parents=True)
+        (store / 'm' / v / 'card.json').write_text(json.dumps({'name': 'm', 'version': v, 'metrics': {'val_acc': 0.5}, 'val_split': 's'}))
+    script = ("import sys, time\nfrom fmnist_lib.store import promote\nw, store, start = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
+              "while time.time() < start: time.sleep(0.001)\n"
+              "for i in range(10): assert promote('t', f'{store}/m/w{w}v{i}', store, force=True, reason=f'w{w} {i}')\n")
+    start = time.time() + 3   # every process starts promoting at once (a rendezvous, not a timing assertion)
+    env = os.environ | {'FMNIST_LOG_LEVEL': 'ERROR'}
+    procs = [subprocess.Popen([sys.executable, '-c', script, str(w), str(store), str(start)], env=env) for w in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    c = champion('t', store)   # read_json: valid JSON
+    ev = c['events']
+    assert sorted(e['to'] for e in ev) == sorted(f'm:{v}' for v in names), "a promotion was lost"
+    assert ev[0]['from'] is None and all(a['to'] == b['from'] for a, b in zip(ev, ev[1:])), "the history is not one chain"
+    assert [f"{p['name']}:{p['version']}" for p in c['previous']] == [e['to'] for e in ev[:-1]]
+    assert f"m:{c['version']}" == ev[-1]['to']
+    for w in range(4):   # each process's promotions in its own order
+        assert [e['to'] for e in ev if e['to'].startswith(f'm:w{w}')] == [f'm:w{w}v{i}' for i in range(10)]

@@ -231,3 +231,23 @@ def test_an_embedded_ray_listens_on_loopback_only_with_a_token_and_writes_nothin
     assert out['auth'] == 'token'
     assert files_under(home) == [], "Ray wrote into $HOME"
     shutil.rmtree(env['FMNIST_RAY_TMP'], ignore_errors=True)
+
+
+def test_a_second_sweep_of_the_same_spec_fails_fast_naming_the_holder(project, monkeypatch):
+    "Another process holds the sweep's lock as run_sweep does (core.file_lock on reports/sweeps/<name>/.lock): a second sweep stops before Ray."
+    from fmnist_lib import sweep
+    from fmnist_lib.core import FmnistError
+    spec = project / 'nbs' / 'experiments' / 'sweeps' / 'smoke-cnn.yaml'
+    lock = project / 'reports' / 'sweeps' / 'smoke-cnn' / '.lock'
+    hold = f"import time\nfrom fmnist_lib.core import file_lock\nwith file_lock({str(lock)!r}, 'sweep smoke-cnn'):\n    print('held', flush=True); time.sleep(300)"
+    def no_ray(*a, **k): raise AssertionError("the sweep went on to start Ray")
+    monkeypatch.setattr(sweep, 'connect', no_ray)
+    holder = subprocess.Popen([sys.executable, '-c', hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(FmnistError, match=rf"sweep smoke-cnn: expected to be the only writer, found it in use by pid {holder.pid} \("):
+            sweep.run_sweep(spec, root=project, echo=lambda s: None)
+    finally:
+        holder.kill(); holder.wait()
+    with pytest.raises(AssertionError, match='went on to start Ray'):   # the holder gone, the lock is free again
+        sweep.run_sweep(spec, root=project, echo=lambda s: None)

@@ -50,7 +50,7 @@ def test_smoke_pipeline_runs_every_stage(smoke_project):
     root, index, lines = smoke_project
     jobs = {j['key']: j for j in index['jobs']}
     assert list(jobs) == ['data_report', 'train:noskill', 'train:centroid', 'train:logreg', 'train:cnn-s0', 'train:vit-s0', 'ensemble',
-                          'evaluate', 'fairness', 'explain', 'robustness', 'serve', 'monitor']
+                          'evaluate', 'fairness', 'explain', 'robustness', 'serve', 'monitor', 'retrain']
     assert all(j['status'] == 'ok' for j in jobs.values()), {k: j.get('error') for k, j in jobs.items()}
     rep = root / 'reports' / 'smoke'
     for j in jobs.values():
@@ -65,6 +65,12 @@ def test_smoke_pipeline_runs_every_stage(smoke_project):
     champs = json.loads((rep / 'models' / 'champions.json').read_text())
     assert 'fashion-mnist' in champs
     assert (rep / 'runs' / 'cnn-s0' / 'model' / 'model.safetensors').is_file()
+    # the retrain stage acts on the real monitor's last decision; a candidate it trains on stream (test) images has no test score
+    rt, mon = json.loads((rep / 'retrain.json').read_text()), json.loads((rep / 'monitor.json').read_text())
+    assert (rt['decision'] == 'no retraining') == (mon['decisions'][-1]['decision'] != 'retrain requested'), rt['why']
+    if rt['candidate_run']:
+        acc = json.loads((rep / 'runs' / rt['candidate_run'] / 'metrics.json').read_text())['test_acc']
+        assert acc != acc, acc   # NaN
 
 
 def test_unchanged_stages_are_skipped_and_changes_rerun_dependents(project_copy):
@@ -196,7 +202,7 @@ def test_a_cell_past_the_stage_timeout_fails_the_stage(tmp_path, monkeypatch):
     (dict(profile='smoke', overrides={'epochs': 'five'}), "parameter epochs expects int, found 'five' (str)"),
     (dict(profile='smoke', overrides={'train.cnn-s0.widths': 16}), "stage train run cnn-s0: parameter widths expects list, found 16 (int)"),
     (dict(profile='smoke', overrides={'train.cnn-s9.epochs': 1}), "override for run 'cnn-s9'"),
-    (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, serve, monitor, found 'evaluat'"),
+    (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, serve, monitor, retrain, found 'evaluat'"),
     (dict(profile='smoke', overrides={'train.cnn-s0.epochs': -1}), "stage train:cnn-s0: epochs: expected a positive integer, found -1"),
     (dict(profile='smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}), "stage ensemble: members names ['no-such-run'], which are not runs"),
     (dict(profile='smoke', overrides={'fairness.model_run': 'cnn-s9'}), "stage fairness: model_run names ['cnn-s9']"),

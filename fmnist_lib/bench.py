@@ -11,7 +11,7 @@ from .core import FmnistError, atomic_write, git_info, hardware_info, pick_compu
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, torchvision_root
 from .ensemble import fit_mixture
 from .evaluate import EvaluateResult
-from .explain import ExplainResult
+from .explain import RANDOMIZATION_PASS, ExplainResult
 from .fairness import FairnessResult
 from .models import Model
 from .pipeline import train_configs
@@ -313,7 +313,7 @@ def pipeline_md(p:dict, # `pipeline_figures` of a record
         yes = [k for k, v in x['beats_random'].items() if v]; no = [k for k, v in x['beats_random'].items() if not v]
         out.append(f"- Explanations ({x['cnn_run']}, {x['n_images']} test images): better than a random ranking on both deletion and insertion "
                    f"(paired bootstrap intervals exclude 0): {', '.join(yes) or 'none'}; not shown: {', '.join(no) or 'none'}. "
-                   "Model-randomization check (|rank correlation| with a random-weights model below 0.5 passes): "
+                   f"Model-randomization check (|rank correlation| with a random-weights model below {RANDOMIZATION_PASS:g} passes): "
                    + ', '.join(f"{k} {v:.2f} ({'passes' if x['randomization_pass'][k] else 'fails'})" for k, v in x['randomization'].items())
                    + f"; Integrated Gradients for {x['n_images']} images took {x['ig_seconds']:.1f} s ({_src(x)}).")
     if 'robustness' in p:

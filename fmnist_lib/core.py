@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'FmnistError', 'find_root', 'Paths', 'project_paths',
-           'umask', 'free_port', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes', 'sha256_file',
-           'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info', 'hardware_info',
-           'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of', 'check_values', 'file_lock',
-           'Result', 'get_logger']
+__all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'KPI_TARGETS', 'PLOTLY_JS', 'FmnistError', 'find_root',
+           'Paths', 'project_paths', 'umask', 'free_port', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes',
+           'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info',
+           'hardware_info', 'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of',
+           'check_values', 'file_lock', 'Result', 'get_logger', 'Interactive']
 
 # %% ../nbs/00_core.ipynb #c6
 class FmnistError(Exception):
@@ -346,3 +346,29 @@ def get_logger(name:str='fmnist', # a child of the 'fmnist' logger
         base.setLevel(os.environ.get('FMNIST_LOG_LEVEL', 'INFO').upper())
         base.propagate = False
     return base if name == 'fmnist' else base.getChild(name.removeprefix('fmnist.'))
+
+# %% ../nbs/00_core.ipynb #c42
+KPI_TARGETS = {'test_acc': 0.90,  # test accuracy of the model best on validation must exceed this
+               'p95_ms': 100.0}   # API latency, 95th percentile of single-image requests, must stay below this (milliseconds)
+
+# %% ../nbs/00_core.ipynb #c44
+PLOTLY_JS = '_static/vendor/plotly.min.js'  # the site's copy of plotly's script, relative to the site root
+
+class Interactive:
+    "A plotly figure with its caption, shown as offline HTML on the site and by plotly's renderer in JupyterLab."
+    def __init__(self, fig, # a `plotly.graph_objects.Figure`
+                 name:str, # the div id: fixed, so that re-executed reports compare equal
+                 caption:str, # what the figure shows, under it
+                 alt:str, # a description for readers who cannot see it (the figure's aria-label)
+                ):
+        if not re.fullmatch(r'[a-z][a-z0-9-]*', name): raise FmnistError(f"interactive figure name: expected lowercase letters, digits and '-', found {name!r}")
+        self.fig, self.name, self.caption, self.alt = fig, name, caption, alt
+    def html(self)->str:
+        "The site's HTML: plotly's script from the site (pages sit one folder below its root), the plot, its caption."
+        import html
+        div = self.fig.to_html(include_plotlyjs=False, full_html=False, div_id=self.name, config={'displayModeBar': False, 'responsive': True})
+        return (f'<figure class="fmnist-interactive" role="group" aria-label="{html.escape(self.alt)}">\n<script src="../{PLOTLY_JS}"></script>\n'
+                f'{div}\n<figcaption>{html.escape(self.caption)}</figcaption>\n</figure>')
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {'text/html': self.html(), 'application/vnd.plotly.v1+json': json.loads(self.fig.to_json()),
+                'text/plain': f"{self.caption} (interactive: open the site or JupyterLab)"}

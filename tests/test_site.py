@@ -134,6 +134,60 @@ def test_home_page_in_a_real_browser(browser):
     assert driver.save_screenshot(str(SHOTS / 'home.png'))
 
 
+def test_home_shows_the_data_the_lifecycle_and_accuracy_against_time_on_its_first_screen(browser):
+    "The sample grid and the lifecycle figure start on the first screen; every lifecycle phase the profile ran links to its report, in order."
+    from selenium.webdriver.support.ui import WebDriverWait
+    from fmnist_lib.book import LIFECYCLE
+    from fmnist_lib.data import get_dataset
+    driver, base = browser
+    driver.get(base + 'intro.html')
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script('return document.readyState') == 'complete')
+    home = driver.execute_script("""
+        const img = s => Array.from(document.images).find(i => i.getAttribute('src').includes(s));
+        const fig = document.querySelector('figure.fmnist-lifecycle');
+        const info = i => i && {alt: i.alt, loaded: i.complete && i.naturalWidth > 0, top: i.getBoundingClientRect().top};
+        return {samples: info(img('samples.png')), chart: info(img('accuracy_time.png')), height: window.innerHeight,
+                lifecycle_top: fig ? fig.getBoundingClientRect().top : null,
+                phases: fig ? Array.from(fig.querySelectorAll('li')).map(li => { const a = li.querySelector('a');
+                                                                                return [li.querySelector('strong').innerText, a ? a.getAttribute('href') : null]; }) : []};""")
+    s = home['samples']
+    assert s and s['loaded'] and all(c in s['alt'] for c in get_dataset('fashion-mnist').classes), s
+    assert s['top'] < home['height'] and home['lifecycle_top'] is not None and home['lifecycle_top'] < home['height'], \
+        f"the data and the lifecycle should start on the first screen ({home['height']} px): {s['top']}, {home['lifecycle_top']}"
+    names = [p[0] for p in home['phases']]
+    assert [n.split('. ', 1)[-1] for n in names] == [p for p, _, _ in LIFECYCLE], names
+    built = {p.stem for p in (HTML / 'reports').glob('*.html')}
+    for (phase, _, pages), (_, href) in zip(LIFECYCLE, home['phases']):
+        ran = [b for b in sorted(built) if any(b.startswith(p) for p in pages)]
+        if ran: assert href and Path(href).stem in ran and (HTML / href).is_file(), (phase, href, ran)
+        else: assert href is None, (phase, href)
+    assert home['phases'][0][1] == 'reports/01_data_report.html' and sum(h is not None for _, h in home['phases']) >= 9, home['phases']
+    from fmnist_lib.book import run_results
+    best = max(run_results('smoke', REPO), key=lambda r: r['test_acc'])
+    c = home['chart']
+    assert c and c['loaded'] and best['run'] in c['alt'] and f"{100 * best['test_acc']:.1f} %" in c['alt'], c
+    seeds = driver.execute_script("""
+        const t = Array.from(document.querySelectorAll('table')).find(t => t.innerText.includes('seed range'));
+        return t ? Array.from(t.querySelectorAll('tbody tr')).map(r => r.innerText) : null;""")
+    from fmnist_lib.bench import records
+    if records('default', root=REPO):
+        assert seeds and any(re.search(r'CNN.*?\d+\.\d\d–\d+\.\d\d', r, re.S) for r in seeds), seeds
+
+
+@pytest.mark.parametrize('page,plot', [('reports/04_evaluate.html', 'confusion-matrix'), ('reports/07_robustness.html', 'robustness-curves')])
+def test_interactive_figures_draw_offline(browser, page, plot):
+    "The plotly figures draw from the site's own copy of plotly (the external-requests gate fails on any CDN); hovering is plotly's."
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver, base = browser
+    driver.get(base + page)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(f"return !!document.querySelector('#{plot} .main-svg')"))
+    got = driver.execute_script(f"""const d = document.getElementById('{plot}');
+        return {{traces: d.data.length, plotly: typeof Plotly, src: Array.from(document.scripts).map(s => s.getAttribute('src')).filter(s => s && s.includes('plotly')),
+                 label: d.closest('figure').getAttribute('aria-label')}};""")
+    assert got['plotly'] == 'object' and got['traces'] >= 1 and got['label'], got
+    assert got['src'] and all(s.startswith('../_static/vendor/') for s in got['src']), got['src']
+
+
 def test_report_page_in_a_real_browser(browser):
     driver, base = browser
     driver.get(base + 'reports/01_data_report.html')

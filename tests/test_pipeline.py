@@ -50,7 +50,7 @@ def test_smoke_pipeline_runs_every_stage(smoke_project):
     root, index, lines = smoke_project
     jobs = {j['key']: j for j in index['jobs']}
     assert list(jobs) == ['data_report', 'train:noskill', 'train:centroid', 'train:logreg', 'train:cnn-s0', 'train:vit-s0', 'ensemble',
-                          'evaluate', 'fairness', 'explain', 'robustness', 'serve', 'monitor', 'retrain']
+                          'evaluate', 'fairness', 'explain', 'robustness', 'serve', 'monitor', 'retrain', 'active']
     assert all(j['status'] == 'ok' for j in jobs.values()), {k: j.get('error') for k, j in jobs.items()}
     rep = root / 'reports' / 'smoke'
     for j in jobs.values():
@@ -202,7 +202,7 @@ def test_a_cell_past_the_stage_timeout_fails_the_stage(tmp_path, monkeypatch):
     (dict(profile='smoke', overrides={'epochs': 'five'}), "parameter epochs expects int, found 'five' (str)"),
     (dict(profile='smoke', overrides={'train.cnn-s0.widths': 16}), "stage train run cnn-s0: parameter widths expects list, found 16 (int)"),
     (dict(profile='smoke', overrides={'train.cnn-s9.epochs': 1}), "override for run 'cnn-s9'"),
-    (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, serve, monitor, retrain, found 'evaluat'"),
+    (dict(profile='smoke', stages=['evaluat']), "stage: expected one of data_report, train, ensemble, evaluate, fairness, explain, robustness, serve, monitor, retrain, active, found 'evaluat'"),
     (dict(profile='smoke', overrides={'train.cnn-s0.epochs': -1}), "stage train:cnn-s0: epochs: expected a positive integer, found -1"),
     (dict(profile='smoke', overrides={'ensemble.members': ['cnn-s0', 'no-such-run']}), "stage ensemble: members names ['no-such-run'], which are not runs"),
     (dict(profile='smoke', overrides={'fairness.model_run': 'cnn-s9'}), "stage fairness: model_run names ['cnn-s9']"),

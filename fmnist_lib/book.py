@@ -18,8 +18,8 @@ from .runs import RunDir
 
 # %% auto #0
 __all__ = ['LIFECYCLE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'findings_md',
-           'changes_md', 'lifecycle_md', 'sample_grid', 'accuracy_time_chart', 'headline_seeds_md', 'workbench_note',
-           'library_notebook', 'render_library', 'build']
+           'changes_md', 'lifecycle_md', 'sample_grid', 'accuracy_time_chart', 'headline_seeds_md', 'slo_md',
+           'workbench_note', 'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -292,7 +292,53 @@ def headline_seeds_md(profile:str='default', # the profile whose newest committe
             f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, seeds {', '.join(map(str, r['seeds']))}); the interval is the median "
             "seed's, over test images only.\n")
 
-# %% ../nbs/13_book.ipynb #c18
+# %% ../nbs/13_book.ipynb #c16
+def slo_md(profile:str, # the profile
+           root:Path|str|None=None, # project root
+           chart:Path|str|None=None, # where to draw the p95 per window (a PNG); None: no chart
+          )->str: # Markdown
+    "The SLO page's measured part: targets against the monitoring day's figures, the error budget, and a chart of p95 per window."
+    f = project_paths(root).profile_dir(profile)/'monitor.json'
+    if not f.is_file(): return f"*The monitor stage of profile `{profile}` has not run yet: its simulated day is what the SLOs are measured on.*\n"
+    try: m = read_json(f); sl, rows = m['slo'], m['windows']
+    except (OSError, ValueError, KeyError) as e: raise FmnistError(f"{f}: expected the monitor stage's result with 'slo' and 'windows', found {e!r}") from None
+    t, met = sl['targets'], sl['met']
+    yes = lambda k: 'met' if met[k] else '**not met**'
+    failed = sl['requests'] - round(sl['availability'] * sl['requests'])
+    budget = (1 - t['availability']) * sl['requests']
+    ms = lambda v: 'not measured' if v is None else f"{1000 * v:.1f} ms"
+    lines = ['| objective | target | measured over the day | |', '|---|---|---|---|',
+             f"| latency, p95 of single-image requests (worst window) | ≤ {1000 * t['p95_s']:.0f} ms | {ms(sl['p95_s_worst_window'])} | {yes('p95_s')} |",
+             f"| 5xx rate (worst window) | ≤ {100 * t['error_rate']:.1f} % | "
+             + ('no 5xx in any window' if sl['error_rate_worst_window'] is None else f"{100 * sl['error_rate_worst_window']:.2f} %") + f" | {yes('error_rate')} |",
+             f"| availability (answered without a 5xx or a connection error) | ≥ {100 * t['availability']:.1f} % | "
+             f"{100 * sl['availability']:.2f} % of {sl['requests']:,} requests | {yes('availability')} |"]
+    text = ('\n'.join(lines) + f"\n\nError budget: at {100 * t['availability']:.1f} % availability the day's {sl['requests']:,} requests allow "
+            f"{budget:.1f} failures; {failed} happened ({'within' if failed <= budget else '**over**'} budget). The model served: `{m['model']}` "
+            f"(run `{m['run']}`); {len(rows)} windows of {m['window']} images; from `reports/{profile}/monitor.json` "
+            f"(commit `{(m['provenance'].get('git') or {}).get('commit', '?')[:12]}`).\n")
+    if chart is not None:
+        import matplotlib; matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 2.8))
+        xs = [r['index'] for r in rows]
+        ys = [None if r['slo']['p95_s'] is None else 1000 * r['slo']['p95_s'] for r in rows]
+        ax.plot(xs, [float('nan') if y is None else y for y in ys], marker='o', ms=3, label='p95 per window')
+        ax.axhline(1000 * t['p95_s'], ls='--', color='C3', lw=1, label=f"target {1000 * t['p95_s']:.0f} ms")
+        for i, r in enumerate(rows):
+            if r['phase'] != 'clean': ax.axvspan(r['index'] - 0.5, r['index'] + 0.5, color='C1' if r['phase'] == 'corruption' else 'C2' if r['phase'] == 'label shift' else 'C7', alpha=0.12, lw=0)
+        ax.set_yscale('log'); ax.set_xlabel('window (shaded: orange corruption, green label shift, grey recovery)'); ax.set_ylabel('ms, log scale')
+        ax.legend(fontsize=7, loc='upper left'); ax.grid(alpha=0.3); fig.tight_layout()
+        with atomic_write(Path(chart)) as fo: fig.savefig(fo, format='png', dpi=110, transparent=True)
+        plt.close(fig)
+        worst = max((y for y in ys if y is not None), default=None)
+        alt = (f"Line chart of the 95th-percentile latency of single-image requests in each of {len(rows)} monitoring windows, on a log scale, "
+               f"with the {1000 * t['p95_s']:.0f} ms target as a dashed line" + (f"; the worst window is at {worst:.1f} ms." if worst else '.'))
+        text += (f"\n```{{figure}} _generated/slo.png\n:alt: {alt}\n:name: fig-slo\n\nLatency p95 per window over the simulated day, "
+                 "from Prometheus; shaded windows are the shifts of the stream.\n```\n")
+    return text
+
+# %% ../nbs/13_book.ipynb #c21
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s*(\w[\w-]*)(.*)$')
 
 def _directives(src:str)->dict:
@@ -349,7 +395,7 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
     cells.insert(at, note)
     return nbformat.v4.new_notebook(cells=[head] + cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
 
-# %% ../nbs/13_book.ipynb #c20
+# %% ../nbs/13_book.ipynb #c23
 def render_library(dest:Path, # where the executed copies go
                    root:Path|str|None=None, # project root
                    echo=print, # where progress lines go
@@ -382,7 +428,7 @@ def render_library(dest:Path, # where the executed copies go
         done.append(target)
     return done
 
-# %% ../nbs/13_book.ipynb #c22
+# %% ../nbs/13_book.ipynb #c25
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the reports of the profile's current jobs (its index) into the book, titling run reports with their run name."
     src = project_paths(root).profile_dir(profile)
@@ -475,6 +521,7 @@ def build(profile:str='default', # whose reports to publish
                             "test accuracy with its 95 % interval over test images against training time (an ensemble's is its members', "
                             f"summed). From `reports/{profile}/runs/*/metrics.json` and `evaluation.json`.\n```\n")
     with atomic_write(gen/'samples.md', 'w') as o: o.write(pictures[0])
+    with atomic_write(gen/'slo.md', 'w') as o: o.write(slo_md(profile, root, gen/'slo.png'))
     with atomic_write(gen/'accuracy_time.md', 'w') as o: o.write(pictures[1] if alt else f"*No runs of profile `{profile}` yet.*\n")
     exe = Path(sys.executable).parent/'jupyter-book'
     cmd = [str(exe) if exe.exists() else 'jupyter-book', 'build', str(book), '--builder', 'html'] + (['-W', '-n', '--keep-going'] if strict else [])

@@ -35,7 +35,7 @@ class _Links(HTMLParser):
 
 def test_build_is_strict_and_has_every_page(site):
     assert site == HTML / 'index.html' and site.is_file()
-    for page in ('problem', 'data_card', 'model_card', 'architecture', 'reproduce'):
+    for page in ('problem', 'data_card', 'model_card', 'slo', 'architecture', 'reproduce'):
         assert (HTML / f'{page}.html').is_file()
     reports = sorted(p.name for p in (HTML / 'reports').glob('*.html'))
     assert '01_data_report.html' in reports and '02_train-cnn-s0.html' in reports and '03_ensemble.html' in reports
@@ -172,6 +172,18 @@ def test_home_shows_the_data_the_lifecycle_and_accuracy_against_time_on_its_firs
     from fmnist_lib.bench import records
     if records('default', root=REPO):
         assert seeds and any(re.search(r'CNN.*?\d+\.\d\d–\d+\.\d\d', r, re.S) for r in seeds), seeds
+
+
+def test_slo_page_shows_the_monitoring_days_figures(site):
+    "The SLO page's numbers are the monitor stage's: availability over the day's requests and the worst window's p95, against their targets."
+    import html as h, json
+    m = json.loads((REPO / 'reports' / 'smoke' / 'monitor.json').read_text())['slo']
+    page = h.unescape(re.sub(r'<[^>]+>', ' ', (HTML / 'slo.html').read_text()))
+    page = re.sub(r'\s+', ' ', page)
+    assert f"{100 * m['availability']:.2f} % of {m['requests']:,} requests" in page, page[:3000]
+    assert f"≤ {1000 * m['targets']['p95_s']:.0f} ms" in page
+    if m['p95_s_worst_window'] is not None: assert f"{1000 * m['p95_s_worst_window']:.1f} ms" in page
+    assert 'slo.png' in (HTML / 'slo.html').read_text()
 
 
 @pytest.mark.parametrize('page,plot', [('reports/04_evaluate.html', 'confusion-matrix'), ('reports/07_robustness.html', 'robustness-curves')])

@@ -192,7 +192,9 @@ def retrain_findings(r:RetrainResult, # the retrain stage's result
                     )->str: # Markdown: a heading and one bullet per finding
     "The findings block of the retraining page: what was trained on what, the judgement with intervals, the decision."
     if r.decision == 'no retraining':
-        return f"## Findings\n\n- The monitor's last decision was **{r.monitor_decision}**: {r.why}. No candidate was trained.\n"
+        return (f"## Findings\n\n- The monitor's last decision was **{r.monitor_decision}**: {r.why}.\n"
+                f"- No candidate was trained and nothing was registered or promoted: the store's champion stays. The decision and its "
+                f"evidence are in `reports/{r.profile}/monitor/audit.jsonl`.\n")
     a, c, mo = r.accuracy['champion'], r.accuracy['candidate'], r.accuracy['monitored']
     pct = lambda x: f"{100 * x['acc']:.1f} % (95 % CI {100 * x['lo']:.1f}–{100 * x['hi']:.1f})"
     ch = f"{r.champion['name']}" + (f" {r.champion['version']}" if r.champion.get('version') else '') + f" ({r.champion['source']})"

@@ -36,3 +36,15 @@ def test_a_damaged_record_is_an_error_naming_it(tmp_path):
     with pytest.raises(FmnistError, match='hardware.cpu'):
         check_record({'type': 'benchmark', 'profile': 'x', 'started_at': 'x', 'git': {}, 'hardware': {}, 'compute': 'cpu', 'seeds': [0],
                       'data_checksum': 'x', 'runs': [], 'ensembles': [], 'classic': []})
+
+
+def test_the_readmes_pictures_are_committed_files():
+    "Every image the README shows is a file in the repository (the home-page screenshot under book/_static/), a real PNG."
+    import re, subprocess
+    text = (REPO / 'README.md').read_text()
+    pics = re.findall(r'!\[[^\]]+\]\(([^)\s]+)\)', text)
+    assert 'book/_static/home.png' in pics, pics
+    tracked = set(subprocess.run(['git', 'ls-files', *pics], cwd=REPO, capture_output=True, text=True, check=True).stdout.split())
+    for p in pics:
+        assert p in tracked, f"README shows {p}, which is not committed"
+        assert (REPO / p).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f"{p} is not a PNG"

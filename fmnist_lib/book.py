@@ -17,9 +17,9 @@ from .robustness import RobustnessResult
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['LIFECYCLE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md', 'findings_md',
-           'changes_md', 'lifecycle_md', 'sample_grid', 'accuracy_time_chart', 'headline_seeds_md', 'slo_md',
-           'workbench_note', 'library_notebook', 'render_library', 'build']
+__all__ = ['EVIDENCE', 'LIFECYCLE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md',
+           'findings_md', 'changes_md', 'lifecycle_md', 'sample_grid', 'accuracy_time_chart', 'headline_seeds_md',
+           'slo_md', 'workbench_note', 'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -172,13 +172,24 @@ def model_card_md(profile:str, # the profile
     return '\n\n'.join(out) + '\n'
 
 # %% ../nbs/13_book.ipynb #c10
+EVIDENCE = (('Calibration', '04_evaluate'), ('Fairness', '05_fairness'), ('Explanations', '06_explain'), ('Robustness', '07_robustness'),
+            (' against ', '04_evaluate'), ('Worst class', '04_evaluate'))   # a finding's first words, and the report holding its evidence
+
 def findings_md(profile:str, # the profile
                 root:Path|str|None=None, # project root
+                reports:list|None=None, # the report pages the site has (file names); a finding links to its report when it is there
+                limit:int=5, # at most this many findings (the home page's); the rest are on the reports
                )->str: # Markdown
-    "The findings of `profile`'s evaluation, fairness, explainability and robustness results, each with its statistic and source."
+    "The findings of `profile`'s evaluation, fairness, explainability and robustness results, each with its statistic and source, linked to its report."
     p = pipeline_figures(profile, root)
     if p is None: return f"*The evaluation of profile `{profile}` has not run yet.*\n"
-    return pipeline_md(p).split('\n\n', 1)[1] + '\n'
+    have = {Path(r).stem for r in reports or []}
+    out = []
+    for line in pipeline_md(p).split('\n\n', 1)[1].strip().split('\n'):
+        page = next((pg for key, pg in EVIDENCE if key in line[:40]), None)
+        out.append(line + (f" [Evidence: the report]({'reports/' + page + '.ipynb'})." if page in have else ''))
+    if len(out) > limit: out = [l for l in out if not l.startswith('- Worst class')]   # also on the model card and the evaluation page
+    return '\n'.join(out[:limit]) + '\n'
 
 def changes_md(root:Path|str|None=None, # project root
               )->str: # Markdown
@@ -510,7 +521,7 @@ def build(profile:str='default', # whose reports to publish
     shutil.copyfile(Path(plotly.__file__).parent/'package_data'/'plotly.min.js', vendor/'plotly.min.js')
     gen = book/'_generated'; gen.mkdir(exist_ok=True)
     for name, f in (('results', results_md), ('kpis', kpis_md), ('data_card', data_card_md), ('model_card', model_card_md),
-                    ('findings', findings_md), ('changes', lambda _, r: changes_md(r)), ('seeds', lambda _, r: headline_seeds_md('default', r)),
+                    ('findings', lambda p, r: findings_md(p, r, [x.name for x in reports])), ('changes', lambda _, r: changes_md(r)), ('seeds', lambda _, r: headline_seeds_md('default', r)),
                     ('lifecycle', lambda _, r: lifecycle_md([p.name for p in reports]))):
         with atomic_write(gen/f'{name}.md', 'w') as o: o.write(f(profile, root))
     alt = sample_grid(gen/'samples.png', root=root)

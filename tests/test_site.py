@@ -254,6 +254,14 @@ def test_home_findings_what_changed_and_collapsed_code(site):
     text = lambda p: h.unescape(re.sub(r'<[^>]+>', '', (HTML / p).read_text()))
     home = text('intro.html')   # index.html redirects here
     assert 'Findings' in home and 'Calibration by temperature scaling fitted on validation' in home, home[:2000]
+    raw = (HTML / 'intro.html').read_text()
+    block = re.search(r'id="findings">.*?<ul[^>]*>(.*?)</ul>', raw, re.S)
+    assert block, "no findings list on the home page"
+    items = re.findall(r'<li>(.*?)</li>', block[1], re.S)
+    assert 3 <= len(items) <= 5, f"three to five findings on the home page, found {len(items)}"
+    for it in items:   # each finding one click from its evidence: a link to the report that holds it
+        links = re.findall(r'href="(reports/[^"#]+\.html)"', it)
+        assert links and all((HTML / l).is_file() for l in links), it[:300]
     changes, recs = text('changes.html'), records(root=REPO)
     assert (recs[-1][0].name in changes) if recs else ('No benchmark record is committed yet' in changes)
     rep = (HTML / 'reports' / '03_ensemble.html').read_text()

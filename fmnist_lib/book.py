@@ -18,8 +18,8 @@ from .runs import RunDir
 
 # %% auto #0
 __all__ = ['EVIDENCE', 'LIFECYCLE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md',
-           'findings_md', 'changes_md', 'lifecycle_md', 'sample_grid', 'accuracy_time_chart', 'headline_seeds_md',
-           'slo_md', 'workbench_note', 'library_notebook', 'render_library', 'build']
+           'findings_md', 'changes_md', 'lifecycle_md', 'headline_md', 'sample_grid', 'accuracy_time_chart',
+           'headline_seeds_md', 'slo_md', 'workbench_note', 'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -240,8 +240,24 @@ def lifecycle_md(reports:list, # the report pages the site has (file names such 
             '<figcaption id="fmnist-lifecycle-caption">The lifecycle, from the raw files to a model in service and back: monitoring '
             'feeds labelled images into retraining, which returns to training. Each phase links to its report.</figcaption>\n</figure>\n```\n')
 
+def headline_md(profile:str, # the profile
+                root:Path|str|None=None, # project root
+               )->str: # one Markdown paragraph
+    "The home page's first-screen result: the model best on validation with its test accuracy and interval, beside the best baseline and the human figure."
+    rows = run_results(profile, root)
+    best = _best_on_validation(rows)
+    if not best: return f"*No results for profile `{profile}` yet: run `fmnist run --profile {profile}`.*\n"
+    ev = _evaluation(profile, root)
+    base = max((r for r in rows if r['model'] in ('logreg', 'centroid', 'noskill')), key=lambda r: r['test_acc'] or 0, default=None)
+    return (f"**Headline ({profile} profile).** The model best on validation, `{best['run']}` ({best['model']}), scores "
+            f"{_acc_ci(ev, best['run']) or _fmt(best['test_acc'], True)} on the test set, scored once"
+            + (f" with test-time augmentation `{best['tta']}`" if best['tta'] != 'none' else '')
+            + (f"; the best classic baseline, `{base['run']}`, {_fmt(base['test_acc'], True)}" if base else '')
+            + f"; crowd-sourced humans {_fmt(HUMAN_ACCURACY, True)} (no upper bound). The interval covers test-image sampling only; "
+            "the full table, the seed ranges and the findings follow below.\n")
+
 def sample_grid(path:Path|str, # the PNG to write (replaced atomically)
-                per_class:int=3, # images per class, the first of each class in the official test file
+                per_class:int=2, # images per class, the first of each class in the official test file
                 root:Path|str|None=None, # project root
                )->str: # the figure's alt text
     "A grid of verified test images, one column per class, headed by the class names."
@@ -521,7 +537,7 @@ def build(profile:str='default', # whose reports to publish
     shutil.copyfile(Path(plotly.__file__).parent/'package_data'/'plotly.min.js', vendor/'plotly.min.js')
     gen = book/'_generated'; gen.mkdir(exist_ok=True)
     for name, f in (('results', results_md), ('kpis', kpis_md), ('data_card', data_card_md), ('model_card', model_card_md),
-                    ('findings', lambda p, r: findings_md(p, r, [x.name for x in reports])), ('changes', lambda _, r: changes_md(r)), ('seeds', lambda _, r: headline_seeds_md('default', r)),
+                    ('findings', lambda p, r: findings_md(p, r, [x.name for x in reports])), ('changes', lambda _, r: changes_md(r)), ('seeds', lambda _, r: headline_seeds_md('default', r)), ('headline', headline_md),
                     ('lifecycle', lambda _, r: lifecycle_md([p.name for p in reports]))):
         with atomic_write(gen/f'{name}.md', 'w') as o: o.write(f(profile, root))
     alt = sample_grid(gen/'samples.png', root=root)

@@ -146,7 +146,9 @@ def test_home_shows_the_data_the_lifecycle_and_accuracy_against_time_on_its_firs
         const img = s => Array.from(document.images).find(i => i.getAttribute('src').includes(s));
         const fig = document.querySelector('figure.fmnist-lifecycle');
         const info = i => i && {alt: i.alt, loaded: i.complete && i.naturalWidth > 0, top: i.getBoundingClientRect().top};
+        const head = Array.from(document.querySelectorAll('p')).find(p => p.innerText.startsWith('Headline'));
         return {samples: info(img('samples.png')), chart: info(img('accuracy_time.png')), height: window.innerHeight,
+                headline: head ? {text: head.innerText, bottom: head.getBoundingClientRect().bottom} : null,
                 lifecycle_top: fig ? fig.getBoundingClientRect().top : null,
                 phases: fig ? Array.from(fig.querySelectorAll('li')).map(li => { const a = li.querySelector('a');
                                                                                 return [li.querySelector('strong').innerText, a ? a.getAttribute('href') : null]; }) : []};""")
@@ -154,6 +156,14 @@ def test_home_shows_the_data_the_lifecycle_and_accuracy_against_time_on_its_firs
     assert s and s['loaded'] and all(c in s['alt'] for c in get_dataset('fashion-mnist').classes), s
     assert s['top'] < home['height'] and home['lifecycle_top'] is not None and home['lifecycle_top'] < home['height'], \
         f"the data and the lifecycle should start on the first screen ({home['height']} px): {s['top']}, {home['lifecycle_top']}"
+    from fmnist_lib.book import run_results
+    from fmnist_lib.evaluate import EvaluateResult
+    rows = run_results('smoke', REPO)
+    best = max((r for r in rows if r['val_acc'] == r['val_acc']), key=lambda r: (r['val_acc'], r['run']))
+    a = EvaluateResult.from_json(REPO / 'reports' / 'smoke' / 'evaluation.json').reports[best['run']]['accuracy']
+    hl = home['headline']
+    assert hl and hl['bottom'] < home['height'], f"the headline result should be on the first screen: {hl}"
+    assert f"{best['run']}" in hl['text'] and f"{100 * a['value']:.2f} % [{100 * a['lo']:.2f}, {100 * a['hi']:.2f}]" in hl['text'], (best['run'], a, hl)
     names = [p[0] for p in home['phases']]
     assert [n.split('. ', 1)[-1] for n in names] == [p for p, _, _ in LIFECYCLE], names
     built = {p.stem for p in (HTML / 'reports').glob('*.html')}
@@ -162,8 +172,7 @@ def test_home_shows_the_data_the_lifecycle_and_accuracy_against_time_on_its_firs
         if ran: assert href and Path(href).stem in ran and (HTML / href).is_file(), (phase, href, ran)
         else: assert href is None, (phase, href)
     assert home['phases'][0][1] == 'reports/01_data_report.html' and sum(h is not None for _, h in home['phases']) >= 9, home['phases']
-    from fmnist_lib.book import run_results
-    best = max(run_results('smoke', REPO), key=lambda r: r['test_acc'])
+    best = max(rows, key=lambda r: r['test_acc'])
     c = home['chart']
     assert c and c['loaded'] and best['run'] in c['alt'] and f"{100 * best['test_acc']:.1f} %" in c['alt'], c
     seeds = driver.execute_script("""

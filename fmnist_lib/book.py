@@ -256,13 +256,24 @@ def headline_md(profile:str, # the profile
             + f"; crowd-sourced humans {_fmt(HUMAN_ACCURACY, True)} (no upper bound). The interval covers test-image sampling only; "
             "the full table, the seed ranges and the findings follow below.\n")
 
+def _pyplot():
+    "matplotlib's pyplot on the file-only Agg backend (the build draws without a display)."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+def _save_png(fig, path:Path|str):
+    "Write a home-page figure as a transparent PNG, replaced atomically, and free it."
+    with atomic_write(Path(path)) as f: fig.savefig(f, format='png', dpi=110, transparent=True)
+    _pyplot().close(fig)
+
 def sample_grid(path:Path|str, # the PNG to write (replaced atomically)
                 per_class:int=2, # images per class, the first of each class in the official test file
                 root:Path|str|None=None, # project root
                )->str: # the figure's alt text
     "A grid of verified test images, one column per class, headed by the class names."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, numpy as np
+    import numpy as np
+    plt = _pyplot()
     a, _ = load_arrays(root=root, progress=False)
     x, y, classes = a['test_images'], a['test_labels'], get_dataset('fashion-mnist').classes
     fig, axes = plt.subplots(per_class, len(classes), figsize=(len(classes) * 0.62, per_class * 0.62 + 0.25), squeeze=False)
@@ -272,8 +283,7 @@ def sample_grid(path:Path|str, # the PNG to write (replaced atomically)
             for s in ax.spines.values(): s.set_visible(False)
         axes[0, c].set_title(classes[c], fontsize=6.5)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.01, wspace=0.08, hspace=0.08)
-    with atomic_write(Path(path)) as f: fig.savefig(f, format='png', dpi=110, transparent=True)
-    plt.close(fig)
+    _save_png(fig, path)
     return (f"{per_class} Fashion-MNIST test images of each of the ten classes, one column per class: "
             + ', '.join(classes) + ". Grayscale 28 by 28 pixel pictures of clothing, shoes and bags.")
 
@@ -282,8 +292,7 @@ def accuracy_time_chart(profile:str, # the profile
                         root:Path|str|None=None, # project root
                        )->str|None: # the figure's alt text; None when the profile has no runs
     "Every model's test accuracy (95 % interval from the evaluate stage) against its training time (an ensemble: its members' summed)."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = run_results(profile, root)
     if not rows: return None
     ev = _evaluation(profile, root)
@@ -300,8 +309,7 @@ def accuracy_time_chart(profile:str, # the profile
     ax.set_xscale('log'); ax.set_xlabel(f'training time, seconds (log scale; under {floor} s drawn at {floor} s)'); ax.set_ylabel('test accuracy, %')
     ax.set_title(f'profile {profile}: test accuracy [95 % CI] against training time', fontsize=9); ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_write(Path(path)) as f: fig.savefig(f, format='png', dpi=110, transparent=True)
-    plt.close(fig)
+    _save_png(fig, path)
     best = max(rows, key=lambda r: r['test_acc'] or 0)
     return (f"Scatter plot of test accuracy against training time on a log scale for {len(rows)} models of profile {profile}; "
             f"{best['run']} is highest at {100 * best['test_acc']:.1f} % after {best['train_time_s']:,.0f} s; a dashed line marks "
@@ -345,8 +353,7 @@ def slo_md(profile:str, # the profile
             f"(run `{m['run']}`); {len(rows)} windows of {m['window']} images; from `reports/{profile}/monitor.json` "
             f"(commit `{(m['provenance'].get('git') or {}).get('commit', '?')[:12]}`).\n")
     if chart is not None:
-        import matplotlib; matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(7, 2.8))
         xs = [r['index'] for r in rows]
         ys = [None if r['slo']['p95_s'] is None else 1000 * r['slo']['p95_s'] for r in rows]
@@ -356,8 +363,7 @@ def slo_md(profile:str, # the profile
             if r['phase'] != 'clean': ax.axvspan(r['index'] - 0.5, r['index'] + 0.5, color='C1' if r['phase'] == 'corruption' else 'C2' if r['phase'] == 'label shift' else 'C7', alpha=0.12, lw=0)
         ax.set_yscale('log'); ax.set_xlabel('window (shaded: orange corruption, green label shift, grey recovery)'); ax.set_ylabel('ms, log scale')
         ax.legend(fontsize=7, loc='upper left'); ax.grid(alpha=0.3); fig.tight_layout()
-        with atomic_write(Path(chart)) as fo: fig.savefig(fo, format='png', dpi=110, transparent=True)
-        plt.close(fig)
+        _save_png(fig, chart)
         worst = max((y for y in ys if y is not None), default=None)
         alt = (f"Line chart of the 95th-percentile latency of single-image requests in each of {len(rows)} monitoring windows, on a log scale, "
                f"with the {1000 * t['p95_s']:.0f} ms target as a dashed line" + (f"; the worst window is at {worst:.1f} ms." if worst else '.'))

@@ -163,6 +163,8 @@ def ensemble_stage(profile:str, # the profile (names the report folder)
     best = max(members, key=lambda m: sc[m]['val_acc'])
     cmp = compare({'ensemble': zt.argmax(1).numpy() == data.y_test, best: z[best]['test'].argmax(1).numpy() == data.y_test}, n_boot)[0]
     member_metrics = {m: runs[m].metrics() for m in members}
+    one = zt if tta == 'none' else mixture.mix([models[m].logits(data.x_test, tta='none', compute=compute) for m in members])
+    single = scores(one, data.y_test)['acc']   # the same mixture on one view per member, beside the `tta` score
     run = RunDir(paths.run_dir(profile, run_name))
     g, hw = git_info(), hardware_info()
     ens.meta = {'data_checksum': data.checksum, 'val_split': sid, 'members': members, 'weights': mixture.weights,
@@ -170,7 +172,7 @@ def ensemble_stage(profile:str, # the profile (names the report folder)
     params = dict(members=members, weighting=weighting, tta=tta, **split.__dict__)
     prov = provenance(seed=None, data_checksum=data.checksum, profile=profile, stage='ensemble', run_name=run_name, parameters=params)
     metrics = RunMetrics(model='ensemble', n_params=ens.n_params, val_acc=sc['ensemble']['val_acc'], test_acc=sc['ensemble']['test_acc'],
-                         test_nll=sc['ensemble']['test_nll'], tta=tta,
+                         test_nll=sc['ensemble']['test_nll'], tta=tta, test_acc_single_view=single,
                          train_time_s=round(sum(mm.train_time_s for mm in member_metrics.values()), 2),  # its members' training
                          wall_time_s=round(time.perf_counter() - t0, 2), members=list(members), weights=mixture.weights,
                          temperatures=mixture.temperatures)

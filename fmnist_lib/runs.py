@@ -27,6 +27,7 @@ class RunMetrics(Result):
     tta: str                             # test-time augmentation of the final scores: none, flip or flip+shift
     train_time_s: float                  # seconds inside training loops (an ensemble: the sum of its members')
     wall_time_s: float                   # seconds the whole run took
+    test_acc_single_view: float|None = None  # test accuracy with one view (the plain image), scored beside `test_acc`; equal to it when `tta` is none
     epochs_run: int = 0                  # epochs trained (0 for an ensemble)
     best_epoch: int = 0                  # the epoch whose weights were kept (chosen on validation)
     val_acc_selection: float|None = None # single-view validation accuracy that chose the epoch

@@ -127,6 +127,7 @@ def test_home_page_in_a_real_browser(browser):
         assert cells, f"no results row for run {run}: {rows}"
         assert cells[0] == m.model and cells[3] == m.tta and cells[4] == f"{100 * m.val_acc:.2f} %", (run, cells)
         assert cells[5].startswith(f"{100 * ev.reports[run]['accuracy']['value']:.2f} % ["), (run, cells)
+        assert cells[6] == f"{100 * m.test_acc_single_view:.2f} %", (run, cells)   # the one-view score beside the `tta` one
         assert ev.reports[run]['accuracy']['value'] == m.test_acc, f"{run}: the evaluation's accuracy is not the run's"
     imgs = _images_loaded(driver)
     assert all(ok for _, ok in imgs), f"images that did not load: {[s for s, ok in imgs if not ok]}"

@@ -147,7 +147,7 @@ def model_card_md(profile:str, # the profile
            f"validation accuracy in profile `{profile}`.",
            f"**Metrics.** Validation accuracy {_fmt(best['val_acc'], True)}; test accuracy {_acc_ci(ev, best['run']) or _fmt(best['test_acc'], True)} "
            f"with test-time augmentation `{best['tta']}`, scored once after training (95 % bootstrap interval over test images)"
-           + (f"; {_fmt(best['test_acc_single_view'], True)} with one view." if best['tta'] != 'none' else '.')]
+           + (f"; {_fmt(best['test_acc_single_view'], True)} with one view." if best['tta'] != 'none' and best['test_acc_single_view'] is not None else '.')]
     r = ev.reports.get(best['run']) if ev else None
     if r:
         f1, pc = r['macro_f1'], r['per_class']
@@ -254,7 +254,7 @@ def headline_md(profile:str, # the profile
     base = max((r for r in rows if r['model'] in ('logreg', 'centroid', 'noskill')), key=lambda r: r['test_acc'] or 0, default=None)
     return (f"**Headline ({profile} profile).** The model best on validation, `{best['run']}` ({best['model']}), scores "
             f"{_acc_ci(ev, best['run']) or _fmt(best['test_acc'], True)} on the test set, scored once"
-            + (f" with test-time augmentation `{best['tta']}` ({_fmt(best['test_acc_single_view'], True)} with one view)" if best['tta'] != 'none' else '')
+            + (f" with test-time augmentation `{best['tta']}` ({_fmt(best['test_acc_single_view'], True)} with one view)" if best['tta'] != 'none' and best['test_acc_single_view'] is not None else '')
             + (f"; the best classic baseline, `{base['run']}`, {_fmt(base['test_acc'], True)}" if base else '')
             + f"; crowd-sourced humans {_fmt(HUMAN_ACCURACY, True)} (no upper bound). The interval covers test-image sampling only; "
             "the full table, the seed ranges and the findings follow below.\n")

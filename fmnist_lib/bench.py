@@ -20,9 +20,11 @@ from .stats import bootstrap, mcnemar_exact
 from .train import model_scores, time_to, train
 
 # %% auto #0
-__all__ = ['PROBE_IMAGES', 'TARGET', 'RECORD_FIELDS', 'MODEL_NAMES', 'TTA_WORDS', 'README_BEGIN', 'README_END', 'plain_classic',
-           'pipeline_figures', 'benchmark', 'check_record', 'records', 'faster_words', 'results_md', 'pipeline_md',
-           'readme_block', 'update_readme']
+__all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SOURCE_FIELDS',
+           'PIPELINE_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS', 'README_BEGIN', 'README_END',
+           'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark', 'check_record', 'records',
+           'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md', 'monitor_md', 'retrain_md',
+           'active_md', 'readme_block', 'newest_pipeline', 'readme_blocks', 'update_readme']
 
 # %% ../nbs/12_bench.ipynb #c6
 PROBE_IMAGES = 12_800  # training images between validation checks while timing the way to 90 %
@@ -90,15 +92,72 @@ def _ensemble_row(name:str, members:list, logits:list, rows:list, data)->dict:
             'train_time_s': round(sum(r['train_time_s'] for r in rows), 2)}
 
 # %% ../nbs/12_bench.ipynb #c11
+def _source(prov:dict, file:str)->dict:
+    "Where a stage's figures come from: its file, the commit and time of the run, and the data it read."
+    g = prov.get('git') or {}
+    return {'file': file, 'commit': g.get('commit'), 'dirty': g.get('dirty'), 'started_at': prov.get('started_at'), 'data_checksum': prov.get('data_checksum')}
+
+def _stage_json(path:Path, kind:str)->dict:
+    "A stage's result file, read as JSON (the stage modules come later than this one), with its type checked."
+    r = read_json(path)
+    if r.get('type') != kind: raise FmnistError(f"{path}: expected a {kind}, found type {r.get('type')!r}")
+    return r
+
+def _serve_figures(s:dict)->dict:
+    "What the README's serving table shows, from serve.json: per measured run fidelity, in-process latency and throughput, HTTP latency and load; cost; targets."
+    pick = lambda d, ks: {k: d[k] for k in ks if k in d}
+    return {'served': s['served'], 'n_calibration': s['provenance'].get('parameters', {}).get('n_calibration'),
+            'hardware': pick(s['provenance'].get('hardware') or {}, ('cpu', 'cores')), 'wall_time_s': s['wall_time_s'],
+            'models': {n: {'kind': m['kind'], 'val_acc': m['val_acc'], 'fidelity': m['fidelity'],
+                           'p50_ms': {e: q['p50'] for e, q in m['latency_ms'].items()}, 'throughput': m['throughput'],
+                           'onnx_speedup_batch1': m['onnx_ms_speedup_batch1'], 'int8_speedup_batch256': m['int8_speedup_batch256']}
+                       for n, m in s['models'].items()},
+            'http': {n: {'sequential': {t: pick(q, ('n', 'p50', 'p95', 'p99')) for t, q in h['sequential'].items()},
+                         'load': [pick(x, ('batch', 'concurrency', 'images_per_s', 'errors', 'server_cpu_util')) for x in h['load']]}
+                     for n, h in s['http'].items()},
+            'cost': pick(s['cost'], ('vm', 'usd_per_hour', 'source', 'date', 'note', 'run')), 'targets': s['targets']}
+
+def _monitor_figures(m:dict)->dict:
+    "What the README's monitoring paragraph shows, from monitor.json."
+    ws, clean = m['windows'], [w for w in m['windows'] if w['phase'] in ('clean', 'recovery')]
+    worst = max(ws, key=lambda w: abs(w['estimated_acc'] - w['true_acc']), default=None)
+    last = m['decisions'][-1] if m['decisions'] else {}
+    ev = last.get('evidence') or {}
+    return {'run': m['run'], 'model': m['model'], 'window': m['window'], 'alpha': m['alpha'], 'n_windows': len(ws), 'n_clean': len(clean),
+            'wall_time_s': m['wall_time_s'], 'false_alarms': m['false_alarms'], 'delays': m['delays'],
+            'first_severity': {p: next(w['severity'] for w in ws if w['phase'] == p) for p in m['delays']},
+            'detection_rates': m['detection_rates'], 'accuracy_error': m['accuracy_error'],
+            'worst_estimate': {k: worst[k] for k in ('index', 'phase', 'severity')} if worst else None,
+            'alerts_fired': sorted({a for n in m['alerts'] if n['status'] == 'firing' for a in n['alerts']}),
+            'alerts_resolved': sorted({a for n in m['alerts'] if n['status'] == 'resolved' for a in n['alerts']}),
+            'decision': {'decision': last.get('decision'), 'why': last.get('why'),
+                         **{k: ev[k] for k in ('accuracy_validation', 'accuracy_drifted', 'difference', 'ci', 'p_value') if k in ev}},
+            'targets': m['targets'], 'slo': m['slo']}
+
+def _retrain_figures(r:dict)->dict:
+    "What the README's retraining paragraph shows, from retrain.json (a stage that did not retrain has empty evidence)."
+    keep = ('monitored_run', 'monitor_decision', 'decision', 'why', 'candidate_run', 'champion', 'labelled', 'judge', 'accuracy', 'mcnemar',
+            'per_window', 'store_version', 'promoted', 'wall_time_s')
+    c = r['candidate'] or {}
+    return {k: r[k] for k in keep} | {
+        'candidate': {k: c[k] for k in ('val_acc', 'val_acc_monitored', 'n_test', 'epochs', 'train_time_s', 'n_train') if k in c},
+        'lr': r['provenance'].get('parameters', {}).get('lr')}
+
+def _active_figures(a:dict)->dict:
+    "What the README's active-learning paragraph shows, from active.json."
+    return {k: a[k] for k in ('budgets', 'strategies', 'seeds', 'target', 'pool', 'n_val', 'summary', 'differences', 'labels_to_target',
+                              'labels_saved', 'match_random', 'wall_time_s')} | {'threads': a['model'].get('threads'), 'n_params': a['model'].get('n_params')}
+
+STAGE_FIGURES = (('serve', 'serve.json', 'ServeResult', _serve_figures), ('monitor', 'monitor.json', 'MonitorResult', _monitor_figures),
+                 ('retrain', 'retrain.json', 'RetrainResult', _retrain_figures), ('active', 'active.json', 'ActiveResult', _active_figures))
+
 def pipeline_figures(profile:str, # the profile whose results to read
                      root=None, # project root
                     )->dict|None: # None when the profile has no evaluation result yet
     "The headline figures of the profile's stage results, each with the commit, time and data checksum it came from."
     d = project_paths(root).profile_dir(profile)
     if not (d/'evaluation.json').is_file(): return None
-    src = lambda r, f: {'file': f"reports/{profile}/{f}", 'commit': (r.provenance.get('git') or {}).get('commit'),
-                        'dirty': (r.provenance.get('git') or {}).get('dirty'), 'started_at': r.provenance.get('started_at'),
-                        'data_checksum': r.provenance.get('data_checksum')}
+    src = lambda r, f: _source(r.provenance, f"reports/{profile}/{f}")
     ev = EvaluateResult.from_json(d/'evaluation.json')
     single = [r for r in ev.runs if r != 'ensemble' and r in ev.reports and ev.reports[r]['accuracy']['value'] > 0.5]
     best_single = max(single, key=lambda r: ev.reports[r]['accuracy']['value']) if single else None
@@ -119,6 +178,10 @@ def pipeline_figures(profile:str, # the profile whose results to read
         r = RobustnessResult.from_json(d/'robustness.json')
         out['robustness'] = src(r, 'robustness.json') | {'n_images': r.n_images, 'tta': r.tta,
                                                          'runs': {k: {'clean': v['clean'], 'mca': v['mca']} for k, v in r.scores.items()}}
+    for key, f, kind, figures in STAGE_FIGURES:
+        if (d/f).is_file():
+            s = _stage_json(d/f, kind)
+            out[key] = _source(s['provenance'], f"reports/{profile}/{f}") | figures(s)
     return out
 
 # %% ../nbs/12_bench.ipynb #c12
@@ -184,15 +247,52 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
 
 # %% ../nbs/12_bench.ipynb #c14
 RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'compute', 'seeds', 'data_checksum', 'runs', 'ensembles', 'classic')
+PIPELINE_RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'pipeline')
+SOURCE_FIELDS = ('file', 'commit', 'dirty', 'started_at', 'data_checksum')
+PIPELINE_FIGURES = {  # per stage, the figures the README shows: a pipeline record must hold every one
+    'evaluate': ('calibration', 'comparisons', 'worst_class'), 'fairness': ('model_run', 'flagged', 'verdict'),
+    'explain': ('cnn_run', 'n_images', 'ig_seconds', 'beats_random', 'randomization', 'randomization_pass'),
+    'robustness': ('n_images', 'tta', 'runs'),
+    'serve': ('served', 'n_calibration', 'hardware', 'models', 'http', 'cost', 'targets', 'wall_time_s'),
+    'monitor': ('run', 'window', 'n_windows', 'n_clean', 'wall_time_s', 'false_alarms', 'delays', 'first_severity', 'detection_rates',
+                'accuracy_error', 'worst_estimate', 'alerts_fired', 'alerts_resolved', 'decision', 'targets', 'slo'),
+    'retrain': ('monitored_run', 'monitor_decision', 'decision', 'why', 'candidate_run', 'champion', 'labelled', 'judge', 'accuracy',
+                'mcnemar', 'per_window', 'candidate', 'lr', 'store_version', 'promoted', 'wall_time_s'),
+    'active': ('budgets', 'strategies', 'seeds', 'target', 'summary', 'differences', 'labels_to_target', 'labels_saved', 'match_random',
+               'threads', 'wall_time_s')}
 
-def check_record(r:dict, # a benchmark record
+def _check_pipeline(p:dict, where:str, complete:bool):
+    "Every stage's source fields and figures are there (all stages when `complete`); accuracies in [0, 1]."
+    if not isinstance(p, dict): raise FmnistError(f"{where}: pipeline: expected the stages' figures, found {p!r}")
+    missing = [s for s in PIPELINE_FIGURES if s not in p] if complete else []
+    if missing: raise FmnistError(f"{where}: pipeline: expected figures of {', '.join(PIPELINE_FIGURES)}, found {', '.join(missing)} missing")
+    for s, keys in PIPELINE_FIGURES.items():
+        if s not in p: continue
+        gone = [k for k in SOURCE_FIELDS + keys if k not in p[s]]
+        if gone: raise FmnistError(f"{where}: pipeline.{s}: expected {', '.join(SOURCE_FIELDS + keys)}, found {', '.join(gone)} missing")
+        if not p[s]['commit']: raise FmnistError(f"{where}: pipeline.{s}.commit: expected the commit the figures came from, found {p[s]['commit']!r}")
+    accs = [(f"serve.models.{n}.fidelity.{k}", v) for n, m in p.get('serve', {}).get('models', {}).items() for k, v in m['fidelity'].items()
+            if k.startswith('acc') or k.endswith('agreement')]
+    accs += [(f"active.summary.{s}[{i}].median", x['median']) for s, rows in p.get('active', {}).get('summary', {}).items() for i, x in enumerate(rows)]
+    accs += [(f"retrain.accuracy.{k}.acc", v['acc']) for k, v in (p.get('retrain', {}).get('accuracy') or {}).items()]
+    for name, v in accs:
+        if not (isinstance(v, (int, float)) and 0 <= v <= 1): raise FmnistError(f"{where}: pipeline.{name}: expected an accuracy in [0, 1], found {v!r}")
+
+def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipeline': the stage figures alone)
                  where:str='benchmark record', # names it in errors
                 )->dict: # `r`
-    "Raise FmnistError unless `r` is a complete benchmark record with accuracies in [0, 1] and non-negative times."
-    missing = [k for k in RECORD_FIELDS if k not in r]
-    if missing or r.get('type') != 'benchmark': raise FmnistError(f"{where}: expected a benchmark record with {', '.join(RECORD_FIELDS)}, found {missing or r.get('type')} missing")
+    "Raise FmnistError unless `r` is a complete benchmark or pipeline record with accuracies in [0, 1] and non-negative times."
+    if r.get('type') == 'pipeline':
+        missing = [k for k in PIPELINE_RECORD_FIELDS if k not in r]
+        if missing: raise FmnistError(f"{where}: expected a pipeline record with {', '.join(PIPELINE_RECORD_FIELDS)}, found {missing} missing")
+    else:
+        missing = [k for k in RECORD_FIELDS if k not in r]
+        if missing or r.get('type') != 'benchmark': raise FmnistError(f"{where}: expected a benchmark record with {', '.join(RECORD_FIELDS)}, found {missing or r.get('type')} missing")
     for k in ('cpu', 'cores', 'torch'):
         if not r['hardware'].get(k): raise FmnistError(f"{where}: hardware.{k}: expected a value, found {r['hardware'].get(k)!r}")
+    if r['type'] == 'pipeline':
+        _check_pipeline(r['pipeline'], where, complete=True); return r
+    if r.get('pipeline'): _check_pipeline(r['pipeline'], where, complete=False)
     for kind, rows in (('runs', r['runs']), ('ensembles', r['ensembles']), ('classic', r['classic'])):
         for i, row in enumerate(rows):
             for k in ('test_acc', 'test_acc_single_view', 'best_member_test_acc'):
@@ -205,11 +305,32 @@ def check_record(r:dict, # a benchmark record
 
 def records(profile:str|None=None, # only this profile's
             root=None, # project root
+            kind:str|None='benchmark', # only records of this type ('benchmark' or 'pipeline'); None: both
            )->list: # [(path, record)], oldest first
-    "The committed benchmark records in benchmarks/, checked, oldest first."
+    "The committed records in benchmarks/, every one checked, oldest first."
     d = project_paths(root).root/'benchmarks'
     out = [(p, check_record(read_json(p), str(p))) for p in sorted(d.glob('*.json'))] if d.is_dir() else []
-    return sorted([x for x in out if profile is None or x[1]['profile'] == profile], key=lambda x: x[1]['started_at'])
+    return sorted([x for x in out if (profile is None or x[1]['profile'] == profile) and (kind is None or x[1]['type'] == kind)],
+                  key=lambda x: x[1]['started_at'])
+
+def record_pipeline(profile:str='default', # whose stage results to record
+                    record_dir:Path|str|None=None, # the record goes here (default benchmarks/ in the project)
+                    root=None, # project root
+                   )->tuple: # (path, record)
+    "Record the headline figures of `reports/<profile>/`'s stage results without re-running the benchmark: `benchmarks/<date>-<cpu>-<profile>-pipeline.json`."
+    paths = project_paths(root)
+    figs = pipeline_figures(profile, root)
+    if figs is None: raise FmnistError(f"reports/{profile}/evaluation.json: expected the profile's evaluation result, found none; run `fmnist run --profile {profile}`")
+    sums = sorted({v['data_checksum'] for v in figs.values() if v.get('data_checksum')})
+    started, hw = utc_now(), hardware_info()
+    rec = {'type': 'pipeline', 'profile': profile, 'started_at': started, 'git': git_info(), 'hardware': hw,
+           'data_checksum': sums[0] if len(sums) == 1 else sums, 'pipeline': figs,
+           'note': "the headline figures of the profile's stage results, each with the commit, time and data checksum of the run that made it"}
+    path = (Path(record_dir) if record_dir else paths.root/'benchmarks')/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}-pipeline.json"
+    check_record(rec, path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, rec)
+    return path, rec
 
 # %% ../nbs/12_bench.ipynb #c16
 def _med(v:list): v = [x for x in v if x is not None]; return statistics.median(v) if v else None
@@ -241,8 +362,10 @@ def faster_words(a:list, # times of A, one per seed
 
 def results_md(r:dict, # a benchmark record
                name:str='', # its file name, for the provenance line
+               pipeline:dict|None=None, # pipeline figures to show instead of the record's own (from a newer record)
+               pipeline_name:str|None=None, # the file name of the record `pipeline` comes from
               )->str: # Markdown
-    "The README's results: the benchmark tables and the pipeline's headline figures, every number from the record."
+    "The README's results: the benchmark tables and the pipeline's headline figures, every number from the record (or from `pipeline`'s)."
     check_record(r, name or 'benchmark record')
     hw, g, n = r['hardware'], r['git'], len(r['seeds'])
     lines = [f"From `benchmarks/{name}`: commit `{(g.get('commit') or '?')[:7]}`{' with uncommitted changes' if g.get('dirty') else ''}, "
@@ -284,15 +407,16 @@ def results_md(r:dict, # a benchmark record
         lines += ['', f"Time to 90 % validation accuracy (validation checked every {r.get('probe_images', PROBE_IMAGES):,} training images, "
                   f"training time only, {n} seeds each): CNN median {_sec(mc)} ({', '.join(_sec(x) for x in tc)}), classic plain loop "
                   f"median {_sec(mk)} ({', '.join(_sec(x) for x in tk)}){ratio}; {faster_words(tc, tk, 'the CNN', 'the classic loop')}."]
-    p = r.get('pipeline')
-    if p: lines += ['', pipeline_md(p)]
+    p, pn = (pipeline, pipeline_name) if pipeline is not None else (r.get('pipeline'), name)
+    if p: lines += ['', pipeline_md(p, '' if pn == name else pn)]
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/12_bench.ipynb #c17
 def _src(s:dict)->str: return f"`{s['file']}`, commit `{(s.get('commit') or '?')[:7]}`{', uncommitted changes' if s.get('dirty') else ''}"
 
 def pipeline_md(p:dict, # `pipeline_figures` of a record
-               )->str:
+                record:str='', # the file name of a separate pipeline record the figures come from ('' when the benchmark record's own)
+               )->str: # Markdown: a heading line and one bullet per stage
     "The evaluation, fairness, explainability and robustness headlines in words that follow their statistics."
     out, ev = [], p['evaluate']
     cal = '; '.join(f"{k}: {100 * v['ece_before']:.1f} % → {100 * v['ece_after']:.1f} % (T = {v['temperature']:.2f})" for k, v in ev['calibration'].items())
@@ -320,30 +444,230 @@ def pipeline_md(p:dict, # `pipeline_figures` of a record
         r = p['robustness']
         out.append(f"- Robustness over 8 corruptions × 5 severities ({r['n_images']:,} test images, {TTA_WORDS.get(r['tta'], r['tta'])}): mean corrupted "
                    "accuracy " + ', '.join(f"{k} {_pct(v['mca'], 1)} (clean {_pct(v['clean'], 1)})" for k, v in r['runs'].items()) + f" ({_src(r)}).")
-    return f"Pipeline results of the `{p['evaluate']['file'].split('/')[1]}` profile:\n\n" + '\n'.join(out)
+    return (f"Pipeline results of the `{p['evaluate']['file'].split('/')[1]}` profile" + (f" (from `benchmarks/{record}`)" if record else '')
+            + ":\n\n" + '\n'.join(out))
 
 # %% ../nbs/12_bench.ipynb #c18
+def _met(t:dict)->str: return 'met' if t['met'] else '**not met**'
+def _when(s:dict)->str: return f"started {(s.get('started_at') or '?')[:16].replace('T', ' ')} UTC"
+def _profile(s:dict)->str: return s['file'].split('/')[1]
+def _recorded_in(record:str)->str: return f"; recorded in `benchmarks/{record}`" if record else ''
+
+def serve_md(s:dict, # the `serve` figures of a record (`pipeline_figures`)
+             record:str='', # the record's file name, for the provenance line
+            )->str: # Markdown: a provenance line, the table, and what the batch target and the cost rest on
+    "The serving table: per measured run ONNX against torch, in-process latency and throughput, int8, HTTP latency and load, cost; each target met or not."
+    runs, t, c = [n for n in s['models'] if n in s['http']], s['targets'], s['cost']
+    per_1000 = lambda ips: f"${1000 * c['usd_per_hour'] / (3600 * ips):.7f}" if ips else '—'
+    mine = lambda key, n: t.get(key) if t.get(key) and t[key].get('model') == n else None   # a target measured on this run
+    bold = lambda key, n, v: f"**{v}**" if mine(key, n) else v
+    note = lambda key, n: f"; target {mine(key, n)['target']}: {_met(mine(key, n))}" if mine(key, n) else ''
+    def load(n, which):
+        ld = s['http'][n]['load']
+        return None if not ld else max(ld, key=lambda x: x['batch']) if which == 'largest' else max(ld, key=lambda x: x['images_per_s']) \
+            if which == 'fastest' else next((x for x in ld if x['batch'] == 1), None)
+    def fidelity(n):
+        f = s['models'][n]['fidelity']
+        same = 'same accuracy' if f['acc_torch'] == f['acc_onnx'] else f"accuracy {_pct(f['acc_torch'])} torch, {_pct(f['acc_onnx'])} ONNX"
+        return f"classes agree on {_pct(f['class_agreement'])}, {same}, largest logit difference {f['max_abs_logit_diff']:.1g}"
+    def single(n):
+        m = s['models'][n]; p = m['p50_ms']
+        x = f"{m['onnx_speedup_batch1']:.1f}×"
+        return f"{p['torch']:.2f} / {p['onnx']:.2f} / {p['int8']:.2f} ms (ONNX {bold('ort_speedup_batch1', n, x)} torch{note('ort_speedup_batch1', n)})"
+    def batch(n):
+        tp = s['models'][n]['throughput']; return f"{tp['torch']:,.0f} / {tp['onnx']:,.0f} / {tp['int8']:,.0f} images/s"
+    def int8(n):
+        m = s['models'][n]; f = m['fidelity']
+        return f"{_pct(f['acc_int8'])} test, {_pct(f['int8_class_agreement'], 1)} of classes as fp32, {m['int8_speedup_batch256']:.1f}× fp32 at batch 256"
+    def http(n):
+        q = s['http'][n]['sequential']
+        p95 = f"{q['none']['p95']:.2f}"
+        return (f"{q['none']['p50']:.2f} / {bold('p95_ms_single', n, p95)} / {q['none']['p99']:.2f} ms"
+                + (f" (target p95 {mine('p95_ms_single', n)['target']}: {_met(mine('p95_ms_single', n))})" if mine('p95_ms_single', n) else '')
+                + ''.join(f"; with {k} TTA p95 {v['p95']:.2f} ms" for k, v in q.items() if k != 'none'))
+    def heavy(n):
+        x = load(n, 'largest')
+        if not x: return '—'
+        ips = f"{x['images_per_s']:,.0f} images/s"
+        return f"{bold('batch256_images_per_s', n, ips)}{note('batch256_images_per_s', n)}; the server used {x['server_cpu_util']:.2f} cores"
+    def cost(n):
+        b, one = load(n, 'fastest'), load(n, 'single')
+        return '—' if not b else f"{per_1000(b['images_per_s'])} in batches of {b['batch']}" + (f", {per_1000(one['images_per_s'])} one image per request" if one else '')
+    first, big = s['models'][runs[0]]['fidelity'], load(runs[0], 'largest')
+    rows = [(f"ONNX Runtime vs torch on {first['images']:,} test images", fidelity), ('single image in-process, p50: torch / ONNX / int8', single),
+            ('batch 256 in-process: torch / ONNX / int8', batch), (f"static int8 (calibrated on {s['n_calibration']:,} validation images)", int8),
+            ('one image per HTTP request, sequential, p50 / p95 / p99', http),
+            (f"`.npy` batches of {big['batch']} over HTTP, {big['concurrency']} `hey` workers" if big else 'batches over HTTP', heavy),
+            ('cost per 1,000 predictions', cost)]
+    head = [f"`{n}` ({s['models'][n]['kind']}{', served: best on validation' if n == s['served'] else ''}; {_pct(s['models'][n]['fidelity']['acc_torch'])} test)" for n in runs]
+    hw = s['hardware']
+    paras = [f"Measured by the serve stage of the `{_profile(s)}` profile on {hw.get('cpu', '?')}, {hw.get('cores', '?')} cores ({_src(s)}, {_when(s)}, "
+             f"{s['wall_time_s']:.0f} s{_recorded_in(record)}); the targets were measured on "
+             + (', '.join(sorted({f"`{x['model']}`" for x in t.values()})) or 'no run') + ':',
+             '\n'.join(['| | ' + ' | '.join(head) + ' |', '| --- |' + ' --- |' * len(runs)]
+                       + [f"| {label} | " + ' | '.join(f(n) for n in runs) + ' |' for label, f in rows])]
+    bt = t.get('batch256_images_per_s')
+    if bt and bt['model'] in s['models']:
+        tp = s['models'][bt['model']]['throughput']
+        paras += [f"The batch target ({bt['target']} images/s) is {'met' if bt['met'] else 'not met'} by `{bt['model']}`: in-process its ONNX graph "
+                  f"runs at {tp['onnx']:,.0f} images/s in fp32 ({tp['int8']:,.0f} in int8) at batch 256 before any HTTP, and the server delivers "
+                  f"{100 * bt['measured'] / tp['onnx']:.0f} % of the fp32 figure."]
+    paras += [f"Cost per 1,000 predictions is the hourly price ÷ the images per hour measured, with {c['vm']} at ${c['usd_per_hour']:g}/h "
+              f"as listed by {c['source']} on {c['date']}; {c['note']}."]
+    return '\n\n'.join(paras) + '\n'
+
+DETECTORS = {'ks': 'KS', 'label': 'χ²', 'mmd': 'MMD'}
+MONITOR_TARGETS = {'false_alarm_rate_ks': 'KS false-alarm rate'}   # a target's words before its own text (the others say what they are)
+
+def monitor_md(m:dict, # the `monitor` figures of a record (`pipeline_figures`)
+               record:str='', # the record's file name, for the provenance line
+              )->str: # Markdown: one paragraph
+    "The monitoring paragraph: false alarms, detection delays, targets, the accuracy estimate, alerts, the decision with its evidence, detection rates, SLOs."
+    name = lambda k: DETECTORS.get(k, k)
+    count = lambda v: 'none' if v == 0 else f"{round(v * m['n_clean'])} ({100 * v:.0f} %)"
+    fa = ', '.join(f"{name(k)} {count(v)}" for k, v in m['false_alarms'].items())
+    delay = lambda v: 'never' if v is None else 'its first window' if v == 0 else f"window {v + 1}"
+    delays = '; '.join(f"{sh}" + (f" (starting at severity {m['first_severity'][sh]})" if m['first_severity'].get(sh) else '') + ': '
+                       + ', '.join(f"{name(k)} {delay(v)}" for k, v in d.items()) for sh, d in m['delays'].items())
+    targets = '; '.join(' '.join(x for x in (MONITOR_TARGETS.get(k, ''), t['target']) if x) + f": {_met(t)}" for k, t in m['targets'].items())
+    e, w = m['accuracy_error'], m['worst_estimate']
+    where = f" (window {w['index']}: {w['phase']}" + (f", severity {w['severity']}" if w['severity'] else '') + ')' if w else ''
+    d = m['decision']
+    ev = (f" (labelled accuracy on the drifted windows {_pct(d['accuracy_drifted'], 1)} against {_pct(d['accuracy_validation'], 1)} on validation: "
+          f"{100 * d['difference']:+.1f} points, 95 % CI {100 * d['ci'][0]:+.1f} to {100 * d['ci'][1]:+.1f}, p {'= ' + _p(d['p_value']) if d['p_value'] >= 0.001 else _p(d['p_value'])})"
+          if 'difference' in d else f" ({d['why']})" if d.get('why') else '')
+    sizes = list(next(iter(m['detection_rates'].values()), {}))
+    rates = '; '.join(f"{name(k)} " + ', '.join(f"{r[z]:.2f}" for z in sizes) for k, r in m['detection_rates'].items())
+    sl, st = m['slo'], m['slo']['targets']
+    slo = (f"SLOs over the day ({sl['requests']:,} steady requests): worst-window p95 "
+           + (f"{1000 * sl['p95_s_worst_window']:.1f} ms" if sl['p95_s_worst_window'] is not None else 'not measured')
+           + f" (≤ {1000 * st['p95_s']:.0f} ms: {_met({'met': sl['met']['p95_s']})}), "
+           + ('no 5xx in any window' if sl['error_rate_worst_window'] is None else f"5xx rate {100 * sl['error_rate_worst_window']:.2f} % in the worst window")
+           + f" (≤ {100 * st['error_rate']:.1f} %: {_met({'met': sl['met']['error_rate']})}), availability {100 * sl['availability']:.2f} % "
+           f"(≥ {100 * st['availability']:.1f} %: {_met({'met': sl['met']['availability']})}).")
+    return (f"On the `{_profile(m)}` profile ({_src(m)}, {_when(m)}{_recorded_in(record)}): {m['n_windows']} windows of {m['window']:,} images to `{m['run']}` "
+            f"in {m['wall_time_s']:.0f} s; false alarms on the {m['n_clean']} clean and recovery windows at level {m['alpha']:g}: {fa}; detection delay "
+            f"from the start of each shift: {delays}; targets: {targets}. The accuracy estimated without labels is off by {100 * e['mean_abs']:.1f} points "
+            f"on average and by up to {100 * e['max_abs']:.1f}{where}"
+            + (": calibration on clean validation data does not carry over to corrupted images" if w and w['phase'] == 'corruption' else '')
+            + f". Alertmanager delivered {', '.join(f'`{a}`' for a in m['alerts_fired']) or 'no alert'} firing"
+            + ((' (each also resolved)' if m['alerts_resolved'] == m['alerts_fired'] else f", and {', '.join(f'`{a}`' for a in m['alerts_resolved'])} resolved")
+               if m['alerts_resolved'] else '')
+            + f"; the decision was \"{d['decision']}\"{ev}. Detection rate by window size ({', '.join(f'{int(z):,}' for z in sizes)} images): {rates}. {slo}\n")
+
+def retrain_md(r:dict, # the `retrain` figures of a record (`pipeline_figures`)
+               record:str='', # the record's file name, for the provenance line
+              )->str: # Markdown: one paragraph
+    "The retraining paragraph: the candidate and what it was trained on, the judgement with intervals and McNemar's test, the decision, per-window accuracy, time."
+    head = f"Retraining on the `{_profile(r)}` profile ({_src(r)}, {_when(r)}{_recorded_in(record)})"
+    if r['decision'] == 'no retraining' or not r['accuracy']:
+        return f"{head}: the monitor decided \"{r['monitor_decision']}\", so nothing was trained, registered or promoted ({r['why']}).\n"
+    a, c, lab, cand, mc = r['accuracy']['champion'], r['accuracy']['candidate'], r['labelled'], r['candidate'], r['mcnemar']
+    ci = lambda x: f"{100 * x['acc']:.1f} % (95 % CI {100 * x['lo']:.1f}–{100 * x['hi']:.1f})"
+    groups = {}
+    for w in r['per_window']: groups.setdefault((w['phase'], w['severity']), []).append(w)
+    per = '; '.join(f"{ph}" + (f" severity {sv}" if sv else '') + f" ({len(ws)} window{'s' if len(ws) > 1 else ''}): "
+                    + ', '.join(f"{100 * w['champion_acc']:.0f} → {100 * w['candidate_acc']:.0f} %" for w in ws) for (ph, sv), ws in groups.items())
+    ch = f"`{r['champion']['name']}`" + (f" {r['champion']['version']}" if r['champion'].get('version') else '')
+    return (f"{head}, after the monitor decided \"{r['monitor_decision']}\": the candidate `{r['candidate_run']}` (`{r['monitored_run']}` fine-tuned for "
+            f"{cand['epochs']} epochs at peak lr {r['lr']:g} on the {cand['n_train'] - lab['n'] * lab['oversample']:,} training images plus the {lab['n']:,} "
+            f"labelled stream images × {lab['oversample']}; validation accuracy {_pct(cand['val_acc'], 1)} against `{r['monitored_run']}`'s "
+            f"{_pct(cand['val_acc_monitored'], 1)}; " + ('no test score' if not cand.get('n_test') else f"scored on {cand['n_test']:,} test images")
+            + f") was judged on {r['judge']['n']:,} images of the {len(r['judge']['windows'])} later drifted windows ({r['judge']['dropped']:,} dropped "
+            f"because their source image was also labelled): {ci(c)} against the store's champion ({ch}) {ci(a)}; McNemar {mc['candidate_only']:,} "
+            f"candidate-only against {mc['champion_only']:,} champion-only right, p = {mc['p_value']:.1g}, so the decision was \"{r['decision']}\""
+            + (f": registered as {_version(r['store_version'])} and promoted" if r['promoted'] else ' and the champion stays')
+            + f". Per judge window, champion → candidate: {per}. The stage took {r['wall_time_s'] / 60:.0f} min, {cand['train_time_s'] / 60:.0f} min of it "
+            f"the {cand['epochs']} epochs.\n")
+
+def _version(path:str|None)->str:
+    "`reports/models/cnn/v3` as '`cnn` v3'."
+    p = (path or '?').rstrip('/').split('/')
+    return f"`{p[-2]}` {p[-1]}" if len(p) >= 2 else f"`{p[-1]}`"
+
+def active_md(a:dict, # the `active` figures of a record (`pipeline_figures`)
+              record:str='', # the record's file name, for the provenance line
+             )->str: # Markdown: one paragraph
+    "The active-learning paragraph: final accuracies with seed ranges, differences to random with intervals (words from the interval), labels to the target."
+    last, n = a['budgets'][-1], len(a['seeds'])
+    words = {'higher': 'higher than random', 'lower': 'lower than random', 'no detectable difference': 'no detectable difference'}
+    fin = ', '.join(f"{s} {_pct(a['summary'][s][-1]['median'])} (seeds {100 * a['summary'][s][-1]['min']:.2f}–{100 * a['summary'][s][-1]['max']:.2f})"
+                    for s in a['strategies'])
+    diff = lambda x: f"{100 * x['mean']:+.2f} points [{100 * x['lo']:+.2f}, {100 * x['hi']:+.2f}]"
+    at_last = '; '.join(f"{s} − random {diff(rows[-1])}: {words[rows[-1]['verdict']]}, higher in {sum(v > 0 for v in rows[-1]['per_seed'])} of "
+                        f"{len(rows[-1]['per_seed'])} seeds" for s, rows in a['differences'].items())
+    earlier = {}
+    for s, rows in a['differences'].items():
+        for x in rows[:-1]:
+            if x['verdict'] != 'no detectable difference': earlier.setdefault(x['labels'], []).append(f"{s} {diff(x)} ({words[x['verdict']]})")
+    early = ('; '.join(f"at {b:,} labels {', '.join(v)}" for b, v in sorted(earlier.items())) if earlier else 'none')
+    second = a['budgets'][1] if len(a['budgets']) > 1 else None
+    why = (f" Uncertainty sampling lower than random at {second:,} labels suggests that the model trained on the first {a['budgets'][0]:,} labels "
+           "is a poor judge of what it does not know."
+           if any(x['labels'] == second and x['verdict'] == 'lower' for rows in a['differences'].values() for x in rows) else '')
+    reached = {s: v['median'] for s, v in a['labels_to_target'].items() if v['median'] is not None}
+    target = (f"No strategy reached {_pct(a['target'], 0)} validation accuracy by {last:,} labels, so the labels saved to reach it are not measurable here"
+              if not reached else f"Labels to reach {_pct(a['target'], 0)} validation accuracy (median curves): "
+              + ', '.join(f"{s} {_labels_words(a['labels_to_target'][s]['median'])}" for s in a['strategies']))
+    mr = a['match_random']
+    match = (f"to match random sampling's median accuracy at {last:,} labels ({_pct(mr['accuracy'])}, interpolated on the median curves) "
+             + ' and '.join(f"{s} needed {_labels_words(v)}" for s, v in mr['labels'].items() if s != 'random'))
+    th = a.get('threads')
+    return (f"On the `{_profile(a)}` profile ({n} seeds; {_src(a)}, {_when(a)}{_recorded_in(record)}; {a['wall_time_s']:,.0f} s"
+            + (f" with {th} torch thread{'s' if th != 1 else ''}" if th else '') + f"): at {last:,} labels validation accuracy (median of {n} seeds, "
+            f"with the seed range) was {fin}; {at_last} (95 % bootstrap intervals over validation images; they do not cover training seeds). "
+            f"At smaller budgets the interval excludes 0 {early}.{why} {target}; {match}.\n")
+
+def _labels_words(v)->str: return 'not reached' if v is None else f"about {round(v, -1):,.0f} labels"
+
+# %% ../nbs/12_bench.ipynb #c19
 README_BEGIN = '<!-- results: generated by `fmnist bench --readme` from the newest benchmark record; do not edit by hand -->'
 README_END = '<!-- end of generated results -->'
+README_BLOCKS = {'results': (README_BEGIN, README_END)} | {   # name: (begin marker, end marker)
+    k: (f'<!-- {k}: generated by `fmnist bench --readme` from the newest record in benchmarks/; do not edit by hand -->', f'<!-- end of generated {k} -->')
+    for k in ('serve', 'monitor', 'retrain', 'active')}
+STAGE_MD = {'serve': serve_md, 'monitor': monitor_md, 'retrain': retrain_md, 'active': active_md}
 
 def readme_block(readme:str, # README.md's text
+                 name:str='results', # which generated block (a key of `README_BLOCKS`)
                 )->str: # what lies between the markers
-    "The generated part of the README."
-    if README_BEGIN not in readme or README_END not in readme:
-        raise FmnistError(f"README.md: expected the generated-results markers {README_BEGIN!r} and {README_END!r}, found them missing")
-    return readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip('\n')
+    "One generated part of the README."
+    begin, end = README_BLOCKS[name]
+    if begin not in readme or end not in readme:
+        raise FmnistError(f"README.md: expected the generated-{name} markers {begin!r} and {end!r}, found them missing")
+    return readme.split(begin, 1)[1].split(end, 1)[0].strip('\n')
 
-def update_readme(profile:str='default', # whose newest record to show
+def newest_pipeline(profile:str='default', # the profile
+                    root=None, # project root
+                   )->tuple: # (record file name, pipeline figures), or (None, None)
+    "The pipeline figures of the newest record of `profile` that has them: a benchmark record's `pipeline` or a pipeline record."
+    recs = [(p, r) for p, r in records(profile, root, kind=None) if r.get('pipeline')]
+    return (recs[-1][0].name, recs[-1][1]['pipeline']) if recs else (None, None)
+
+def readme_blocks(profile:str='default', # whose newest records to show
                   root=None, # project root
-                 )->Path: # the README
-    "Replace the README's generated results with the newest `profile` record's."
-    paths = project_paths(root)
+                 )->dict: # {block name: Markdown}
+    "Every generated block of the README: the results from the newest benchmark record, the pipeline parts from the newest record that has them."
     recs = records(profile, root)
     if not recs: raise FmnistError(f"benchmarks/: expected a record of profile {profile}, found none; run `fmnist bench --profile {profile}`")
     path, rec = recs[-1]
-    readme = paths.root/'README.md'
+    pname, p = newest_pipeline(profile, root)
+    out = {'results': results_md(rec, path.name, p, pname).strip('\n')}
+    for k, md in STAGE_MD.items():
+        out[k] = (md(p[k], pname) if p and k in p else
+                  f"*No {k} figures of profile `{profile}` are recorded yet: run the stage, then `fmnist bench --record-pipeline --profile {profile}`.*").strip('\n')
+    return out
+
+def update_readme(profile:str='default', # whose newest records to show
+                  root=None, # project root
+                 )->Path: # the README
+    "Replace the README's generated blocks with what the newest `profile` records render."
+    readme = project_paths(root).root/'README.md'
     text = readme.read_text()
-    old = readme_block(text)
-    new = text.replace(old, results_md(rec, path.name).strip('\n'), 1) if old else text.replace(README_BEGIN, README_BEGIN + '\n' + results_md(rec, path.name), 1)
-    with atomic_write(readme, 'w') as f: f.write(new)
+    for name, md in readme_blocks(profile, root).items():
+        begin, end = README_BLOCKS[name]
+        readme_block(text, name)   # both markers are there
+        head, rest = text.split(begin, 1)
+        text = head + begin + '\n' + md + '\n' + end + rest.split(end, 1)[1]
+    with atomic_write(readme, 'w') as f: f.write(text)
     return readme

@@ -92,9 +92,13 @@ def cmd_book(a)->int:
 # %% ../nbs/90_cli.ipynb #c10
 def cmd_bench(a)->int:
     "Measure the profile's CNN and ViT over seeds, their ensembles, the baselines and a plain fp32 loop; print and record figures."
-    from fmnist_lib.bench import benchmark, update_readme
+    from fmnist_lib.bench import benchmark, record_pipeline, update_readme
+    if a.record_pipeline:
+        path, _ = record_pipeline(a.profile)
+        print(f"wrote {path} from reports/{a.profile}/'s stage results; commit it, then `fmnist bench --readme`")
     if a.readme:
-        print(f"updated {update_readme(a.profile)} from the newest {a.profile} record in benchmarks/"); return 0
+        print(f"updated {update_readme(a.profile)} from the newest {a.profile} records in benchmarks/"); return 0
+    if a.record_pipeline: return 0
     benchmark(a.profile, seeds=a.seeds, classic_epochs=a.classic_epochs)
     return 0
 
@@ -236,7 +240,8 @@ def build_parser()->argparse.ArgumentParser:
     be.add_argument('--profile', default='default', help="whose train recipes to measure (default: default)")
     be.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help="seeds for the CNN and ViT (default: 0 1 2)")
     be.add_argument('--classic-epochs', type=int, default=6, help="epochs of the plain reference loop (default: 6)")
-    be.add_argument('--readme', action='store_true', help="only regenerate README.md's results from the newest record in benchmarks/")
+    be.add_argument('--readme', action='store_true', help="only regenerate README.md's generated blocks from the newest records in benchmarks/")
+    be.add_argument('--record-pipeline', action='store_true', help="only record the headline figures of reports/PROFILE/'s stage results in benchmarks/ (no training)")
     be.set_defaults(func=cmd_bench)
     sw = sub.add_parser('sweep', help=cmd_sweep.__doc__, description=cmd_sweep.__doc__ + " Completed points are skipped; exit 1 if any point failed.")
     sw.add_argument('spec', type=Path, help="sweep spec (YAML), e.g. nbs/experiments/sweeps/smoke-cnn.yaml")

@@ -1,7 +1,7 @@
-"""The README's results are the newest committed benchmark record's, word for word (`fmnist bench --readme` writes them)."""
+"""The README's results are the newest committed records', word for word (`fmnist bench --readme` writes them)."""
 from pathlib import Path
 import pytest
-from fmnist_lib.bench import check_record, readme_block, records, results_md
+from fmnist_lib.bench import README_BLOCKS, check_record, readme_block, readme_blocks, records, results_md
 from fmnist_lib.core import FmnistError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,13 +13,44 @@ def test_the_readme_results_are_generated_from_the_newest_default_record():
     path, rec = recs[-1]
     assert rec['git']['commit'] and rec['seeds'] and rec['hardware']['cores'] >= 1
     block = readme_block((REPO / 'README.md').read_text())
-    assert block == results_md(rec, path.name).strip('\n'), \
+    assert block.startswith(results_md(rec, path.name).split('Pipeline results')[0].strip('\n')), \
         f"README.md's results differ from {path.name}: run `fmnist bench --readme` (never edit the generated block by hand)"
+
+
+def test_the_readmes_stage_figures_are_generated_from_the_newest_records():
+    "Serving, monitoring, retraining and active learning: each block is what the newest committed pipeline figures render, and they are committed."
+    text = (REPO / 'README.md').read_text()
+    blocks = readme_blocks('default', REPO)
+    assert sorted(blocks) == sorted(README_BLOCKS)
+    for name, md in blocks.items():
+        assert readme_block(text, name) == md, f"README.md's generated {name} block differs from the newest records: run `fmnist bench --readme`"
+        if name != 'results': assert 'No ' + name + ' figures' not in md, f"no committed record has the {name} figures: `fmnist bench --record-pipeline`"
+    pipes = records('default', REPO, kind='pipeline')
+    assert pipes and all(s in pipes[-1][1]['pipeline'] for s in ('serve', 'monitor', 'retrain', 'active')), pipes
+
+
+def test_a_pipeline_record_missing_a_figure_is_rejected():
+    "Take the newest committed pipeline record and drop one figure the README shows, or a whole stage: check_record names what is missing."
+    path, rec = records('default', REPO, kind='pipeline')[-1]
+    check_record(rec, path.name)
+    for stage, key in (('monitor', 'slo'), ('serve', 'targets'), ('retrain', 'mcnemar'), ('active', 'differences')):
+        p = dict(rec['pipeline']); p[stage] = {k: v for k, v in p[stage].items() if k != key}
+        with pytest.raises(FmnistError, match=rf'pipeline\.{stage}: expected .*found {key} missing'):
+            check_record(rec | {'pipeline': p}, path.name)
+    with pytest.raises(FmnistError, match='found active missing'):
+        check_record(rec | {'pipeline': {k: v for k, v in rec['pipeline'].items() if k != 'active'}}, path.name)
+
+
+def test_the_papers_detection_rates_in_the_readme_are_the_librarys():
+    "The README quotes Rabanser et al.'s KS detection rates beside the generated monitoring block; they must be `stream.PAPER_DETECTION`."
+    from fmnist_lib.stream import PAPER_DETECTION
+    text = ' '.join((REPO / 'README.md').read_text().split())
+    assert "averaged over its shifts, are " + ', '.join(f"{v:.2f}" for v in PAPER_DETECTION.values()) + ' (' in text
 
 
 def test_every_record_traces_to_a_commit_of_this_repository():
     import subprocess
-    for path, rec in records(root=REPO):
+    for path, rec in records(root=REPO, kind=None):
         c = rec['git']['commit']
         r = subprocess.run(['git', '-C', str(REPO), 'cat-file', '-e', f'{c}^{{commit}}'], check=False, capture_output=True)
         assert r.returncode == 0, f"{path.name}: commit {c} is not in this repository's history"

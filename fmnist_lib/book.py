@@ -8,7 +8,7 @@ import hashlib, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 import nbformat
 from .bench import pipeline_figures, pipeline_md, records, results_md as bench_results_md
-from .core import KPI_TARGETS, FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json
+from .core import KPI_TARGETS, FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json, sha256_file
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, DataReportResult, get_dataset, load_arrays
 from .evaluate import EvaluateResult
 from .fairness import FairnessResult
@@ -17,9 +17,10 @@ from .robustness import RobustnessResult
 from .runs import RunDir
 
 # %% auto #0
-__all__ = ['EVIDENCE', 'LIFECYCLE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md', 'model_card_md',
-           'findings_md', 'changes_md', 'lifecycle_md', 'headline_md', 'sample_grid', 'accuracy_time_chart',
-           'headline_seeds_md', 'slo_md', 'workbench_note', 'library_notebook', 'render_library', 'build']
+__all__ = ['EVIDENCE', 'LIFECYCLE', 'EVIDENTLY_PAGE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md',
+           'model_card_md', 'findings_md', 'changes_md', 'lifecycle_md', 'headline_md', 'sample_grid',
+           'accuracy_time_chart', 'headline_seeds_md', 'slo_md', 'evidently_md', 'workbench_note', 'library_notebook',
+           'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -374,7 +375,42 @@ def slo_md(profile:str, # the profile
                  "from Prometheus; shaded windows are the shifts of the stream.\n```\n")
     return text
 
-# %% ../nbs/13_book.ipynb #c21
+# %% ../nbs/13_book.ipynb #c19
+EVIDENTLY_PAGE = '_static/monitor/evidently.html'   # where the site serves the monitor stage's Evidently report, relative to book/
+
+def evidently_md(profile:str, # the profile
+                 dest:Path|str, # where to copy the report (the site's EVIDENTLY_PAGE), replaced atomically
+                 href:str='../' + EVIDENTLY_PAGE, # the copy's address as the monitoring page links it
+                 root:Path|str|None=None, # project root
+                )->str|None: # the monitoring page's closing section (Markdown with a link and an iframe); None when the stage recorded no report
+    "Copy the monitor stage's Evidently report into the site after checking its SHA-256, and describe it for the monitoring page."
+    f = project_paths(root).profile_dir(profile)/'monitor.json'
+    if not f.is_file(): return None
+    try: ev = read_json(f).get('evidently')
+    except (OSError, ValueError) as e: raise FmnistError(f"{f}: expected the monitor stage's result, found an unreadable file ({e})") from None
+    if not ev: return None
+    src = f.parent/'monitor'/ev['file']
+    if not src.is_file(): raise FmnistError(f"{f}: expected the Evidently report it records, {src}, found no such file (rerun the monitor stage)")
+    if (got := sha256_file(src)) != ev['sha256']:
+        raise FmnistError(f"{src}: expected SHA-256 {ev['sha256']} as {f.name} records, found {got} (the file changed after the monitor stage wrote it)")
+    with atomic_write(dest) as o, open(src, 'rb') as i: shutil.copyfileobj(i, o)
+    s = ev.get('summary') or {}
+    cols, ws = s.get('columns') or {}, s.get('windows') or []
+    drifted = [c for c, v in cols.items() if v.get('drift')]
+    methods = sorted({v.get('method') for v in cols.values() if v.get('method')})
+    return (f"## The same day in Evidently\n\n"
+            f"Evidently {s.get('evidently', '')}'s data-drift preset compares the monitor's reference, the served model's validation outputs "
+            f"({s.get('reference_rows', '?'):,} images), with the {s.get('current_rows', '?'):,} predictions of the {len(ws)} "
+            f"{' and '.join(s.get('phases', []))} windows" + (f" ({ws[0]}–{ws[-1]})" if ws else '') +
+            f", column by column: each class probability and the predicted class, with Evidently's own tests and thresholds "
+            f"({', '.join(methods) or 'not recorded'}; no correction for testing {len(cols)} columns). It flags {len(drifted)} of {len(cols)} columns"
+            + (f"; not flagged: {', '.join(f'`{c}`' for c in cols if c not in drifted)}" if drifted and len(drifted) < len(cols) else '') + ". "
+            f"Below is Evidently's own page (SHA-256 `{ev['sha256'][:16]}…`, checked against `monitor.json` when the site was built); "
+            f'<a href="{href}">open it on its own page</a>.\n\n'
+            f'<iframe src="{href}" title="Evidently data-drift report: validation outputs against the shifted windows of the monitoring day" '
+            'style="width: 100%; height: 900px; border: 1px solid #ccc;"></iframe>\n')
+
+# %% ../nbs/13_book.ipynb #c24
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s*(\w[\w-]*)(.*)$')
 
 def _directives(src:str)->dict:
@@ -431,7 +467,7 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
     cells.insert(at, note)
     return nbformat.v4.new_notebook(cells=[head] + cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
 
-# %% ../nbs/13_book.ipynb #c23
+# %% ../nbs/13_book.ipynb #c26
 def render_library(dest:Path, # where the executed copies go
                    root:Path|str|None=None, # project root
                    echo=print, # where progress lines go
@@ -464,12 +500,13 @@ def render_library(dest:Path, # where the executed copies go
         done.append(target)
     return done
 
-# %% ../nbs/13_book.ipynb #c25
+# %% ../nbs/13_book.ipynb #c28
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the reports of the profile's current jobs (its index) into the book, titling run reports with their run name."
     src = project_paths(root).profile_dir(profile)
     if dest.exists(): shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    (dest.parent/EVIDENTLY_PAGE).unlink(missing_ok=True)   # another profile's report must not stay in the site
     idx = {e['output']: e for e in _index(profile, root).get('jobs', []) if e.get('status') in ('ok', 'skipped')}
     out = []
     for p in sorted(src/name for name in idx if (src/name).is_file()):
@@ -482,6 +519,8 @@ def _copy_reports(profile:str, dest:Path, root=None)->list:
         source = (idx.get(p.name) or {}).get('notebook') or nb.metadata.get('papermill', {}).get('input_path') or '?'
         at = next((i + 1 for i, c in enumerate(nb.cells) if 'provenance' in c.metadata.get('tags', [])), 1)  # under the provenance block
         nb.cells.insert(at, workbench_note(source, f"reports/{profile}/{p.name}"))
+        if (idx.get(p.name) or {}).get('stage') == 'monitor' and (md := evidently_md(profile, dest.parent/EVIDENTLY_PAGE, root=root)):
+            nb.cells.append(nbformat.v4.new_markdown_cell(md))   # the monitoring page ends with Evidently's report of the same day
         nbformat.write(nb, dest/p.name); out.append(dest/p.name)
     return out
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_stream.ipynb #c3
 from __future__ import annotations
-import threading, time
+import json, os, subprocess, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -21,9 +21,10 @@ from .alerting import Alerting, Webhook
 from .monitor import DriftMetrics, Reference, detect
 
 # %% auto #0
-__all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'MONITOR_RULES', 'SLO_P95', 'SLO_ERRORS', 'SLO_TARGETS',
-           'LABELLED_FILE', 'JUDGE_FILE', 'stream_windows', 'embeddings', 'MonitorResult', 'save_images',
-           'monitor_stage', 'monitor_findings']
+__all__ = ['STREAM_CORRUPTIONS', 'RULES_WINDOW_S', 'PAPER_DETECTION', 'EVIDENTLY_VENV', 'EVIDENTLY_SCRIPT', 'EVIDENTLY_FILE',
+           'EVIDENTLY_INPUT', 'EVIDENTLY_PHASES', 'MONITOR_RULES', 'SLO_P95', 'SLO_ERRORS', 'SLO_TARGETS',
+           'LABELLED_FILE', 'JUDGE_FILE', 'stream_windows', 'embeddings', 'evidently_python', 'evidently_report',
+           'MonitorResult', 'save_images', 'monitor_stage', 'monitor_findings']
 
 # %% ../nbs/20_stream.ipynb #c6
 STREAM_CORRUPTIONS = ('brightness', 'blur', 'noise')   # the gradual shift: each image gets one of these at the window's severity
@@ -82,6 +83,54 @@ def embeddings(module:nn.Module, # a trained network whose last layer is a Linea
     return torch.cat(out).numpy() if out else np.zeros((0, head[-1].in_features), np.float32)
 
 # %% ../nbs/20_stream.ipynb #c11
+EVIDENTLY_VENV = '.venv-evidently'                  # the Evidently environment at the project root (`make evidently`)
+EVIDENTLY_SCRIPT = 'deploy/evidently/report.py'     # the script it runs; it never imports fmnist_lib
+EVIDENTLY_FILE, EVIDENTLY_INPUT = 'evidently.html', 'evidently.npz'   # in the monitor folder: the report and the script's input
+EVIDENTLY_PHASES = ('corruption', 'label shift')    # the windows compared with the reference: the shifted part of the day
+
+def evidently_python(root:Path|str|None=None, # project root
+                    )->Path: # the Evidently environment's interpreter
+    "The interpreter of `.venv-evidently`; a missing environment or script is an error naming the path and `make evidently`."
+    paths = project_paths(root)
+    py, script = paths.root/EVIDENTLY_VENV/'bin'/'python', paths.root/EVIDENTLY_SCRIPT
+    if not py.exists():
+        raise FmnistError(f"evidently: expected the Evidently environment's interpreter {py}, found no such file; create it with "
+                          f"`make evidently` (a separate venv from deploy/evidently/requirements.txt: Evidently needs pandas < 3 and plotly < 6)")
+    if not script.is_file(): raise FmnistError(f"evidently: expected the report script {script}, found no such file")
+    return py
+
+def evidently_report(reference:np.ndarray, # the monitor's reference probabilities (n, classes): the served model's validation outputs
+                     current:np.ndarray, # the stream's probabilities compared with it (m, classes), as the prediction log holds them
+                     window:np.ndarray, # each current row's window index
+                     phase:np.ndarray, # each current row's phase
+                     classes:list, # the class names, index = label
+                     out:Path|str, # the HTML file to create or replace (the script writes it atomically); its input goes beside it
+                     timeout:float=300, # seconds the script may take
+                     root:Path|str|None=None, # project root: where .venv-evidently and deploy/ are
+                    )->dict: # {'file', 'sha256', 'bytes', 'input', 'seconds', 'summary'}: summary is the script's JSON (Evidently's verdicts)
+    "Run Evidently's data-drift report in its own environment (a subprocess with a timeout) and record the page with its SHA-256."
+    py, out = evidently_python(root), Path(out)
+    script = project_paths(root).root/EVIDENTLY_SCRIPT
+    inp = out.with_name(EVIDENTLY_INPUT)
+    with atomic_write(inp) as f:
+        np.savez(f, reference=np.asarray(reference, np.float32), current=np.asarray(current, np.float32), window=np.asarray(window, np.int64),
+                 phase=np.asarray(phase, str), classes=np.asarray(classes, str))
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONHOME', 'VIRTUAL_ENV')}
+    env.update(DO_NOT_TRACK='1', PYTHONNOUSERSITE='1')   # Evidently's telemetry off; nothing from the project's venv leaks in
+    out.unlink(missing_ok=True)   # an earlier run's page must not pass for this one's
+    t0 = time.perf_counter()
+    try: r = subprocess.run([str(py), str(script), str(inp), str(out)], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired: raise FmnistError(f"evidently: expected {script} to finish within {timeout} s, found it still running") from None
+    if r.returncode:
+        tail = '\n'.join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise FmnistError(f"evidently: expected {script} to exit 0, found exit {r.returncode}:\n{tail}")
+    try: summary = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError): raise FmnistError(f"evidently: expected a JSON summary line from {script}, found {r.stdout[-300:]!r}") from None
+    if not out.is_file(): raise FmnistError(f"evidently: expected {script} to write {out}, found no such file")
+    return {'file': out.name, 'sha256': sha256_file(out), 'bytes': out.stat().st_size, 'input': {'file': inp.name, 'sha256': sha256_file(inp)},
+            'seconds': round(time.perf_counter() - t0, 1), 'summary': summary}
+
+# %% ../nbs/20_stream.ipynb #c14
 @dataclass
 class MonitorResult(Result):
     "The monitor stage's result."
@@ -101,6 +150,7 @@ class MonitorResult(Result):
     targets: dict         # the targets, measured
     slo: dict             # over the day: p95 latency, 5xx rate and availability against `SLO_TARGETS`
     wall_time_s: float    # seconds the stage took
+    evidently: dict|None = None  # the Evidently report of the shifted windows: file, SHA-256, input, seconds, Evidently's verdicts
 
 MONITOR_RULES = {'window': POSITIVE_INT, 'trials': POSITIVE_INT, 'label_budget': POSITIVE_INT, 'seed': NON_NEGATIVE_INT}
 
@@ -154,6 +204,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     if not 0 < alpha < 1: raise FmnistError(f"stage monitor: alpha: expected a level in (0, 1), found {alpha!r}")
     t0 = time.perf_counter()
     paths = project_paths(root); out = Path(out_dir or paths.profile_dir(profile))/'monitor'
+    evidently_python(root)   # a missing Evidently environment fails now, not after the day has run
     rd = {n: RunDir(paths.run_dir(profile, n)).require() for n in runs}
     cnns = [n for n in runs if rd[n].metrics().model == 'cnn']
     if run is None:
@@ -168,7 +219,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     temp = fit_temperature(served.logits(data.x_val), data.y_val)
     ref = Reference.fit(vp, embeddings(module, data.x_val), served.key, temp, seed=seed); ref.save(out/'reference')
     windows = stream_windows(data.x_test, data.y_test, window, clean, per_severity, label_shift, recovery, seed=seed)
-    rows, metrics = [], DriftMetrics()
+    rows, metrics, logged_probs = [], DriftMetrics(), {}
     hook_file = out/'alerts.jsonl'; hook_file.unlink(missing_ok=True)
     for f in (LABELLED_FILE, JUDGE_FILE): (out/f).unlink(missing_ok=True)   # a decision's files are its own run's
     log_dir = out/'log'
@@ -198,6 +249,7 @@ def monitor_stage(profile:str, # the profile (names the report folder)
                     rid = r.json()['request_id']
                     logged = [e for e in read_log(log_dir) if e['request_id'] == rid]   # the prediction log is the monitor's input
                     probs = np.array([e['probs'] for e in sorted(logged, key=lambda e: e['item'])], np.float32)
+                    logged_probs[w['index']] = probs
                     rep = detect(ref, served.key, probs, embeddings(module, w['images']), w['labels'], alpha, seed=seed + w['index'])
                     metrics.publish(rep)
                     time.sleep(seconds_per_window)
@@ -265,6 +317,11 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     else:
         decisions.append({'time': utc_now(), 'decision': 'keep', 'why': 'no drift alert' if not fired else 'no drifted window', 'evidence': {'alerts': fired}})
     audit = JsonLog(out, 'audit'); audit.write(decisions); audit.close()
+    # the Evidently page: the reference against the shifted windows (every window when the day has none), read from the prediction log
+    ev_rows = [r for r in rows if r['phase'] in EVIDENTLY_PHASES] or rows
+    evidently = evidently_report(vp, np.concatenate([logged_probs[r['index']] for r in ev_rows]),
+                                 np.concatenate([np.full(r['n'], r['index']) for r in ev_rows]),
+                                 np.concatenate([np.full(r['n'], r['phase']) for r in ev_rows]), list(data.classes), out/EVIDENTLY_FILE, root=root)
     targets = {'false_alarm_rate_ks': {'target': '≤ 0.05', 'measured': false_alarms.get('ks'), 'met': false_alarms.get('ks', 1) <= 0.05},
                'severity3_within_two_windows': {'target': 'KS detects a severity-3 window within the first two', 'measured': [r['drift']['ks'] for r in sev3[:2]],
                                                 'met': any(r['drift']['ks'] for r in sev3[:2]), 'window': window}}
@@ -282,11 +339,11 @@ def monitor_stage(profile:str, # the profile (names the report folder)
     res = MonitorResult(profile, prov, run, served.key, window, alpha, rows, false_alarms, delays,
                         {d: {str(k): v for k, v in r.items()} for d, r in rates.items()},
                         {'mean_abs': float(np.abs(err).mean()), 'max_abs': float(np.abs(err).max())}, alerts, decisions, targets, slo,
-                        round(time.perf_counter() - t0, 1))
+                        round(time.perf_counter() - t0, 1), evidently)
     res.to_json(out.parent/'monitor.json')
     return res
 
-# %% ../nbs/20_stream.ipynb #c14
+# %% ../nbs/20_stream.ipynb #c17
 def monitor_findings(r:MonitorResult, # the monitor stage's result
                     )->str: # Markdown: a heading and one bullet per finding
     "The findings block of the monitoring page: false alarms, detection delays, the accuracy estimate, alerts, the decision and the SLOs."
@@ -303,4 +360,11 @@ def monitor_findings(r:MonitorResult, # the monitor stage's result
              + f" (≤ {1000 * sl['targets']['p95_s']:.0f} ms: {'met' if sl['met']['p95_s'] else '**not met**'}), availability {100 * sl['availability']:.2f} % "
              f"(≥ {100 * sl['targets']['availability']:.1f} %: {'met' if sl['met']['availability'] else '**not met**'})."]
     for k, t in r.targets.items(): lines.append(f"Target {k}: {t['target']}: {'met' if t['met'] else '**not met**'} (measured {t['measured']}).")
+    ev = (r.evidently or {}).get('summary')
+    if ev:
+        cols, cnt, ws = ev.get('columns', {}), (ev.get('drifted_columns') or {}).get('count'), ev.get('windows', [])
+        lines.append(f"Evidently {ev.get('evidently', '')} (its data-drift preset, with its own tests and thresholds) finds "
+                     f"{'?' if cnt is None else int(cnt)} of {len(cols)} columns (class probabilities and the predicted class) drifted between the reference "
+                     f"and the {len(ws)} {' and '.join(ev.get('phases', []))} windows" + (f" ({ws[0]}–{ws[-1]})" if ws else '')
+                     + f"; its page is `monitor/{r.evidently['file']}`.")
     return "## Findings\n\n" + '\n'.join(f"- {l}" for l in lines) + "\n"

@@ -1,5 +1,5 @@
 """The pipeline on the smoke profile: stages, skipping, provenance, index, and every kind of bad input."""
-import json, os, shutil, subprocess, sys
+import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 import nbformat
 import pytest
@@ -16,6 +16,8 @@ def make_project(dest: Path) -> Path:
     shutil.copytree(REPO / 'nbs' / 'experiments', dest / 'nbs' / 'experiments')
     shutil.copytree(REPO / 'fmnist_lib', dest / 'fmnist_lib', ignore=shutil.ignore_patterns('__pycache__'))
     shutil.copytree(REPO / 'deploy' / 'prometheus', dest / 'deploy' / 'prometheus')   # the alert rules the monitor stage loads
+    shutil.copytree(REPO / 'deploy' / 'evidently', dest / 'deploy' / 'evidently')   # the monitor stage's Evidently script,
+    (dest / '.venv-evidently').symlink_to(REPO / '.venv-evidently')   # run in the project's Evidently environment (`make evidently`)
     (dest / 'data').mkdir()
     for d in ('raw', 'processed'):
         (REPO / 'data' / d).mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,11 @@ def test_smoke_pipeline_runs_every_stage(smoke_project):
     if rt['candidate_run']:
         acc = json.loads((rep / 'runs' / rt['candidate_run'] / 'metrics.json').read_text())['test_acc']
         assert acc != acc, acc   # NaN
+    # the monitor's Evidently report: the file it records, compared with the reference over the shifted windows only
+    ev = mon['evidently']
+    assert ev['sha256'] == hashlib.sha256((rep / 'monitor' / ev['file']).read_bytes()).hexdigest()
+    shifted = [w['index'] for w in mon['windows'] if w['phase'] in ('corruption', 'label shift')]
+    assert ev['summary']['windows'] == shifted and ev['summary']['current_rows'] == sum(w['n'] for w in mon['windows'] if w['index'] in shifted)
 
 
 def test_unchanged_stages_are_skipped_and_changes_rerun_dependents(project_copy):

@@ -210,6 +210,34 @@ def test_interactive_figures_draw_offline(browser, page, plot):
     assert got['src'] and all(s.startswith('../_static/vendor/') for s in got['src']), got['src']
 
 
+def test_monitoring_page_shows_the_evidently_report_offline(browser):
+    """The monitor stage's Evidently report is in the site byte for byte as monitor.json records it, and the monitoring page
+    shows it in an iframe where Evidently draws its widgets from the file itself: no request to another origin and no
+    console error, the iframe's included (the site-wide gates see the same page through the same logs)."""
+    import hashlib, json
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver, base = browser
+    ev = json.loads((REPO / 'reports' / 'smoke' / 'monitor.json').read_text())['evidently']
+    copy = HTML / '_static' / 'monitor' / 'evidently.html'
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == ev['sha256'], "the site's copy differs from the report monitor.json records"
+    driver.get('about:blank'); driver.get_log('browser'); driver.get_log('performance')   # start with empty logs
+    driver.get(base + 'reports/09_monitor.html')
+    drawn = """const f = document.querySelector('iframe[src$="_static/monitor/evidently.html"]'), doc = f && f.contentDocument;
+               if (!doc || doc.readyState !== 'complete') return null;
+               return {text: doc.body.innerText, svg: doc.querySelectorAll('svg').length, height: f.getBoundingClientRect().height};"""
+    got = WebDriverWait(driver, 90).until(lambda d: (r := d.execute_script(drawn)) and r['svg'] > 0 and 'p(T-shirt/top)' in r['text'] and r)
+    assert got['height'] > 400, got['height']
+    assert 'drift' in got['text'].lower(), got['text'][:500]
+    links = driver.execute_script("return Array.from(document.querySelectorAll('a')).map(a => a.href).filter(h => h.endsWith('evidently.html'));")
+    assert links == [base + '_static/monitor/evidently.html'], links
+    requests = _network(driver)
+    assert base + '_static/monitor/evidently.html' in requests, "the network log missed the iframe's page: the gate would see nothing"
+    external = sorted({u for u in requests if not u.startswith((base, 'data:', 'blob:', 'about:'))})
+    assert not external, f"the Evidently report requests other origins: {external[:10]}"
+    console = [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
+    assert not console, f"console errors on the monitoring page or in its Evidently iframe: {console[:5]}"
+
+
 def test_report_page_in_a_real_browser(browser):
     driver, base = browser
     driver.get(base + 'reports/01_data_report.html')

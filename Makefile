@@ -95,8 +95,11 @@ test: setup sysdeps-test data lint test-nb smoke test-py nbval
 lint: setup
 	$(BIN)/ruff check --select F --no-cache fmnist_lib tests
 
+# the library notebooks as tests: each runs in a fresh kernel, two at a time, and any failing cell (an inline test) fails;
+# the executed copies are the site's library pages (book/library/), which the site build in test-py reuses instead of
+# executing them a second time. `cd nbs && ../.venv/bin/nbdev_test` runs the same cells, for a quick loop while editing.
 test-nb: setup
-	cd nbs && ../$(BIN)/nbdev_test
+	$(BIN)/fmnist book --library-only
 
 smoke: data evidently
 	$(BIN)/fmnist run --profile smoke --quiet

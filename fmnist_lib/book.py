@@ -471,9 +471,13 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
 def render_library(dest:Path, # where the executed copies go
                    root:Path|str|None=None, # project root
                    echo=print, # where progress lines go
+                   workers:int=0, # notebooks executed at once, each in its own kernel; 0: one per core, at most 2
                   )->list: # the executed copies
-    "Execute the renderable copies of nbs/NN_*.ipynb into `dest`; skip those unchanged since the last build."
+    "Execute the renderable copies of nbs/NN_*.ipynb into `dest`, their inline tests included (an error fails); skip those unchanged since the last build."
+    import asyncio, os
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
     paths = project_paths(root)
     keep_tool_files_in_project(root)
     lib = lib_digest(root)
@@ -481,26 +485,36 @@ def render_library(dest:Path, # where the executed copies go
     wanted = sorted(p for p in paths.nbs.glob('[0-9]*.ipynb'))
     for old in dest.glob('*.ipynb'):
         if old.name not in {p.name for p in wanted}: old.unlink()
-    done = []
+    todo = []
     for src in wanted:
         key = hashlib.sha256(src.read_bytes() + lib.encode()).hexdigest()
-        target = dest/src.name
-        if target.is_file():
-            try:
-                if nbformat.read(target, as_version=4).metadata.get('fmnist', {}).get('source_digest') == key:
-                    done.append(target); continue
-            except Exception: pass
+        try: fresh = nbformat.read(dest/src.name, as_version=4).metadata.get('fmnist', {}).get('source_digest') == key
+        except Exception: fresh = False   # missing or unreadable: render it again
+        if not fresh: todo.append((src, key))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    n = max(1, min(workers or min(2, cores), len(todo) or 1))
+    env = dict(os.environ) | ({'OMP_NUM_THREADS': str(max(1, cores // n))} if n > 1 else {})  # kernels side by side share the cores, not oversubscribe them
+    def one(src:Path, key:str):
         t = time.perf_counter()
         nb = library_notebook(src)
-        NotebookClient(nb, kernel_name='python3', timeout=900, resources={'metadata': {'path': str(paths.nbs)}},
-                       kernel_manager_class=IPCKernelManager).execute()
+        client = NotebookClient(nb, kernel_name='python3', timeout=900, resources={'metadata': {'path': str(paths.nbs)}},
+                                kernel_manager_class=IPCKernelManager)
+        try: asyncio.run(client.async_execute(env=env))   # one event loop per thread
+        except CellExecutionError as e:
+            raise FmnistError(f"library notebook nbs/{src.name}: expected every cell, its inline tests included, to run; found an error:\n{e}") from None
         nb.metadata['fmnist'] = {'source_digest': key, 'source': f"nbs/{src.name}"}
-        with atomic_write(target, 'w') as f: nbformat.write(nb, f)
+        with atomic_write(dest/src.name, 'w') as f: nbformat.write(nb, f)
         echo(f"  library  {src.name} rendered in {time.perf_counter() - t:.1f} s")
-        done.append(target)
-    return done
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, *job) for job in todo]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in finished and f.exception()), None)
+        if failed:
+            for f in futures: f.cancel()   # the queued ones; a notebook already running finishes
+            raise failed.exception()
+    return [dest/p.name for p in wanted]
 
-# %% ../nbs/13_book.ipynb #c28
+# %% ../nbs/13_book.ipynb #c30
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the reports of the profile's current jobs (its index) into the book, titling run reports with their run name."
     src = project_paths(root).profile_dir(profile)

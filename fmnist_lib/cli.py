@@ -84,7 +84,10 @@ def cmd_run(a)->int:
 
 def cmd_book(a)->int:
     "Copy the profile's reports into book/, render the library notebooks and build the HTML site."
-    from fmnist_lib.book import build
+    from fmnist_lib.book import build, render_library
+    if a.library_only:
+        done = render_library(project_paths().root/'book'/'library')
+        print(f"{len(done)} library notebooks executed, their inline tests included, into book/library/"); return 0
     index = build(a.profile, strict=not a.no_strict)
     print(f"open {index}")
     return 0
@@ -235,6 +238,9 @@ def build_parser()->argparse.ArgumentParser:
     b = sub.add_parser('book', help=cmd_book.__doc__, description=cmd_book.__doc__)
     b.add_argument('--profile', default='default', help="whose reports to publish (default: default)")
     b.add_argument('--no-strict', action='store_true', help="do not fail the build on Sphinx warnings")
+    b.add_argument('--library-only', action='store_true',
+                   help="only execute the library notebooks (nbs/NN_*.ipynb, their inline tests included; two kernels at a time) into "
+                        "book/library/, where the next build reuses them; an error in any cell fails (make test runs this)")
     b.set_defaults(func=cmd_book)
     be = sub.add_parser('bench', help=cmd_bench.__doc__, description=cmd_bench.__doc__ + " Run it with the machine to itself; commit the record it writes to benchmarks/.")
     be.add_argument('--profile', default='default', help="whose train recipes to measure (default: default)")

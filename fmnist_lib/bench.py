@@ -21,10 +21,11 @@ from .train import model_scores, time_to, train
 
 # %% auto #0
 __all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SOURCE_FIELDS',
-           'PIPELINE_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS', 'README_BEGIN', 'README_END',
-           'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark', 'check_record', 'records',
-           'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md', 'monitor_md', 'retrain_md',
-           'active_md', 'readme_block', 'newest_pipeline', 'readme_blocks', 'update_readme']
+           'PIPELINE_FIGURES', 'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS',
+           'README_BEGIN', 'README_END', 'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark',
+           'check_record', 'records', 'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md',
+           'monitor_md', 'retrain_md', 'active_md', 'tune_md', 'readme_block', 'newest_pipeline', 'readme_blocks',
+           'update_readme']
 
 # %% ../nbs/12_bench.ipynb #c6
 PROBE_IMAGES = 12_800  # training images between validation checks while timing the way to 90 %
@@ -151,6 +152,15 @@ def _active_figures(a:dict)->dict:
     return {k: a[k] for k in ('budgets', 'strategies', 'seeds', 'target', 'pool', 'n_val', 'summary', 'differences', 'labels_to_target',
                               'labels_saved', 'match_random', 'wall_time_s')} | {'threads': a['model'].get('threads'), 'n_params': a['model'].get('n_params')}
 
+def _tune_figures(t:dict)->dict:
+    "What the README's search paragraph shows, from a tune's summary.json: budget, how every trial ended, the best and the base configuration's trial."
+    sp, keys = t['spec'], list(t['spec']['space'])
+    pick = lambda r: None if not r else {k: r.get(k) for k in (*keys, 'val_acc', 'epochs', 'completed')}
+    return {'name': t['name'], 'space': keys, 'time_budget_s': sp.get('time_budget_s'), 'num_samples': sp.get('num_samples'),
+            'max_concurrent': sp.get('max_concurrent'), 'epochs': t['base'].get('epochs'), 'n_val': t['base'].get('val_size'), 'wall_s': t['wall_s'],
+            'trials': [{'epochs': r['epochs'], 'completed': r['completed'], 'val_acc': r['val_acc']} for r in t['trials']],
+            'best': pick(t['best']), 'default': pick(t.get('default'))}
+
 STAGE_FIGURES = (('serve', 'serve.json', 'ServeResult', _serve_figures), ('monitor', 'monitor.json', 'MonitorResult', _monitor_figures),
                  ('retrain', 'retrain.json', 'RetrainResult', _retrain_figures), ('active', 'active.json', 'ActiveResult', _active_figures))
 
@@ -185,6 +195,11 @@ def pipeline_figures(profile:str, # the profile whose results to read
         if (d/f).is_file():
             s = _stage_json(d/f, kind)
             out[key] = _source(s['provenance'], f"reports/{profile}/{f}") | figures(s)
+    tunes = [read_json(p) for p in sorted((project_paths(root).reports/'tune').glob('*/summary.json'))]
+    tunes = [t for t in tunes if t.get('spec', {}).get('profile') == profile and t.get('provenance')]   # older summaries had no provenance
+    if tunes:
+        t = max(tunes, key=lambda t: t['finished_at'])
+        out['tune'] = _source(t['provenance'], f"reports/tune/{t['name']}/summary.json") | _tune_figures(t)
     return out
 
 # %% ../nbs/12_bench.ipynb #c12
@@ -262,12 +277,14 @@ PIPELINE_FIGURES = {  # per stage, the figures the README shows: a pipeline reco
     'retrain': ('monitored_run', 'monitor_decision', 'decision', 'why', 'candidate_run', 'champion', 'labelled', 'judge', 'accuracy',
                 'mcnemar', 'per_window', 'candidate', 'lr', 'store_version', 'promoted', 'wall_time_s'),
     'active': ('budgets', 'strategies', 'seeds', 'target', 'summary', 'differences', 'labels_to_target', 'labels_saved', 'match_random',
-               'threads', 'wall_time_s')}
+               'threads', 'wall_time_s'),
+    'tune': ('name', 'space', 'time_budget_s', 'epochs', 'n_val', 'wall_s', 'trials', 'best', 'default')}
+OPTIONAL_FIGURES = ('tune',)   # a record made before a search ran has none
 
 def _check_pipeline(p:dict, where:str, complete:bool):
     "Every stage's source fields and figures are there (all stages when `complete`); accuracies in [0, 1]."
     if not isinstance(p, dict): raise FmnistError(f"{where}: pipeline: expected the stages' figures, found {p!r}")
-    missing = [s for s in PIPELINE_FIGURES if s not in p] if complete else []
+    missing = [s for s in PIPELINE_FIGURES if s not in p and s not in OPTIONAL_FIGURES] if complete else []
     if missing: raise FmnistError(f"{where}: pipeline: expected figures of {', '.join(PIPELINE_FIGURES)}, found {', '.join(missing)} missing")
     for s, keys in PIPELINE_FIGURES.items():
         if s not in p: continue
@@ -278,6 +295,7 @@ def _check_pipeline(p:dict, where:str, complete:bool):
             if k.startswith('acc') or k.endswith('agreement')]
     accs += [(f"active.summary.{s}[{i}].median", x['median']) for s, rows in p.get('active', {}).get('summary', {}).items() for i, x in enumerate(rows)]
     accs += [(f"retrain.accuracy.{k}.acc", v['acc']) for k, v in (p.get('retrain', {}).get('accuracy') or {}).items()]
+    accs += [(f"tune.{k}.val_acc", (p['tune'][k] or {}).get('val_acc', 0)) for k in ('best', 'default') if 'tune' in p]
     for name, v in accs:
         if not (isinstance(v, (int, float)) and 0 <= v <= 1): raise FmnistError(f"{where}: pipeline.{name}: expected an accuracy in [0, 1], found {v!r}")
 
@@ -614,7 +632,8 @@ def active_md(a:dict, # the `active` figures of a record (`pipeline_figures`)
     reached = {s: v['median'] for s, v in a['labels_to_target'].items() if v['median'] is not None}
     target = (f"No strategy reached {_pct(a['target'], 0)} validation accuracy by {last:,} labels, so the labels saved to reach it are not measurable here"
               if not reached else f"Labels to reach {_pct(a['target'], 0)} validation accuracy (median curves): "
-              + ', '.join(f"{s} {_labels_words(a['labels_to_target'][s]['median'])}" for s in a['strategies']))
+              + ', '.join(f"{s} {_labels_words(a['labels_to_target'][s]['median'])}" for s in a['strategies'])
+              + "; labels saved against random: " + ', '.join(f"{s} {_saved_words(v, last)}" for s, v in a['labels_saved'].items()))
     mr = a['match_random']
     match = (f"to match random sampling's median accuracy at {last:,} labels ({_pct(mr['accuracy'])}, interpolated on the median curves) "
              + ' and '.join(f"{s} needed {_labels_words(v)}" for s, v in mr['labels'].items() if s != 'random'))
@@ -626,13 +645,46 @@ def active_md(a:dict, # the `active` figures of a record (`pipeline_figures`)
 
 def _labels_words(v)->str: return 'not reached' if v is None else f"about {round(v, -1):,.0f} labels"
 
+def tune_md(t:dict, # the `tune` figures of a record (`pipeline_figures`)
+            record:str='', # the record's file name, for the provenance line
+           )->str: # Markdown: one paragraph
+    "The search paragraph: trials and how they ended, the best configuration against the base one measured the same way, and why that is no proof."
+    n, done = len(t['trials']), sum(x['completed'] for x in t['trials'])
+    stops = {}
+    for x in t['trials']:
+        if not x['completed']: stops[x['epochs']] = stops.get(x['epochs'], 0) + 1
+    stopped = ', '.join(f"{v} after {k} epoch{'s' if k != 1 else ''}" for k, v in sorted(stops.items()))
+    params = lambda r: ', '.join(f"{k.replace('_', ' ')} {r[k]:.3g}" for k in t['space'])
+    b, d = t['best'], t['default']
+    conc = 'one trial at a time' if t.get('max_concurrent') == 1 else f"up to {t.get('max_concurrent') or 'all'} trials at a time"
+    budget = f"a {t['time_budget_s'] / 60:.0f}-minute budget" if t.get('time_budget_s') else f"{t.get('num_samples')} samples"
+    out = (f"`fmnist tune` with the `{t['name']}` spec ({_src(t)}, {_when(t)}{_recorded_in(record)}; {budget}, "
+           f"{conc}): {n} trials in {t['wall_s']:,.0f} s, "
+           f"{done} ran all {t['epochs']} epochs" + (f", {n - done} stopped early by ASHA or the budget ({stopped})" if n > done else '') +
+           f". Best on validation: {params(b)}, validation accuracy {_pct(b['val_acc'])}")
+    if d and all(d[k] == b[k] for k in t['space']):
+        out += ": the base configuration itself, measured as the first trial; the search found nothing better on validation.\n"
+    elif d:
+        se = 100 * (d['val_acc'] * (1 - d['val_acc']) / t['n_val']) ** 0.5
+        out += (f", against {_pct(d['val_acc'])} for the base configuration ({params(d)}) measured the same way as the first trial "
+                f"({100 * (b['val_acc'] - d['val_acc']):+.2f} points). The best is chosen on the same {t['n_val']:,} validation images that measure it, "
+                f"so its figure is optimistic (the largest of {n} noisy estimates; the binomial standard error of one accuracy is about {se:.2f} points): "
+                "this is not evidence of a better recipe until a fresh measurement confirms it.\n")
+    else: out += "; the base configuration was not among the trials (set `include_default: true`), so there is nothing to compare it with.\n"
+    return out
+
+def _saved_words(v:dict, last:int)->str:
+    if v['kind'] == 'exact': return f"about {round(v['labels'], -1):,.0f}" if v['labels'] >= 0 else f"none (it needed about {round(-v['labels'], -1):,.0f} more than random)"
+    if v['kind'] == 'at least': return f"at least about {round(v['labels'], -1):,.0f} (random did not reach it by {last:,})"
+    return 'not measurable (it did not reach it)'
+
 # %% ../nbs/12_bench.ipynb #c19
 README_BEGIN = '<!-- results: generated by `fmnist bench --readme` from the newest benchmark record; do not edit by hand -->'
 README_END = '<!-- end of generated results -->'
 README_BLOCKS = {'results': (README_BEGIN, README_END)} | {   # name: (begin marker, end marker)
     k: (f'<!-- {k}: generated by `fmnist bench --readme` from the newest record in benchmarks/; do not edit by hand -->', f'<!-- end of generated {k} -->')
-    for k in ('serve', 'monitor', 'retrain', 'active')}
-STAGE_MD = {'serve': serve_md, 'monitor': monitor_md, 'retrain': retrain_md, 'active': active_md}
+    for k in ('serve', 'monitor', 'retrain', 'active', 'tune')}
+STAGE_MD = {'serve': serve_md, 'monitor': monitor_md, 'retrain': retrain_md, 'active': active_md, 'tune': tune_md}
 
 def readme_block(readme:str, # README.md's text
                  name:str='results', # which generated block (a key of `README_BLOCKS`)
@@ -661,7 +713,7 @@ def readme_blocks(profile:str='default', # whose newest records to show
     out = {'results': results_md(rec, path.name, p, pname).strip('\n')}
     for k, md in STAGE_MD.items():
         out[k] = (md(p[k], pname) if p and k in p else
-                  f"*No {k} figures of profile `{profile}` are recorded yet: run the stage, then `fmnist bench --record-pipeline --profile {profile}`.*").strip('\n')
+                  f"*No {k} figures of profile `{profile}` are recorded yet: run the stage (a search: `fmnist tune`), then `fmnist bench --record-pipeline --profile {profile}`.*").strip('\n')
     return out
 
 def update_readme(profile:str='default', # whose newest records to show

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, os, re, time
 from pathlib import Path
 import numpy as np, yaml
-from .core import FmnistError, atomic_write, project_paths, utc_now, write_json
+from .core import FmnistError, atomic_write, git_info, hardware_info, project_paths, utc_now, write_json
 from .pipeline import PipelineError, train_configs
 from .sweep import SweepError, check_resources, connect
 from .train import TrainConfig, train
@@ -17,7 +17,7 @@ __all__ = ['TUNE_KEYS', 'SPACE_KINDS', 'load_tune_spec', 'base_config', 'run_tun
 
 # %% ../nbs/15_tune.ipynb #c5
 TUNE_KEYS = {'name', 'profile', 'run', 'space', 'fixed', 'num_samples', 'time_budget_s', 'max_concurrent', 'resources',
-             'asha', 'tracking', 'seed', 'description'}
+             'asha', 'tracking', 'seed', 'description', 'include_default'}
 SPACE_KINDS = ('uniform', 'loguniform', 'choice', 'randint')
 
 def load_tune_spec(path:Path|str)->dict:
@@ -101,13 +101,16 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
     epochs = base.get('epochs', TrainConfig().epochs)
     res = spec.get('resources') or {'num_cpus': 1}
     check_resources(ray, res, f"tune {spec['name']}")
+    # include_default: the base configuration is the first trial, measured the same way as the others (ASHA has nothing to stop it against)
+    default = {k: base[k] for k in spec['space']} if spec.get('include_default') else None
+    started, git, checksum = utc_now(), git_info(root), TrainConfig.from_dict(base).split.load().checksum
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {'cpu': res.get('num_cpus', 1), 'gpu': res.get('num_gpus', 0)}),
         param_space=_space(spec) | {'_base': base, '_root': str(project_paths(root).root), '_tracking': spec.get('tracking', 'offline')},
         tune_config=tune.TuneConfig(metric='val_acc', mode='max', num_samples=spec.get('num_samples', 8),
                                     time_budget_s=spec.get('time_budget_s'), max_concurrent_trials=spec.get('max_concurrent'),
-                                    search_alg=OptunaSearch(seed=spec.get('seed', 0)),
+                                    search_alg=OptunaSearch(seed=spec.get('seed', 0), points_to_evaluate=[default] if default else None),
                                     scheduler=ASHAScheduler(time_attr='epoch', max_t=epochs, grace_period=asha.get('grace_period', 1),
                                                             reduction_factor=asha.get('reduction_factor', 2))),
         run_config=tune.RunConfig(name=spec['name'], storage_path=str(out/'ray'), verbose=0))
@@ -128,8 +131,10 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
         f.write(f"# best of {len(rows)} trials of tune spec {spec['name']} (validation accuracy {best['val_acc']:.4f});\n"
                 f"# use it with: fmnist run --profile {spec.get('profile', 'default')} -f {rel/'best.yaml'}\n")
         yaml.safe_dump(overlay, f, sort_keys=False)
+    base_trial = next((r for r in rows if default and all(r.get(k) == v for k, v in default.items())), None)
     summary = {'name': spec['name'], 'spec': spec, 'base': base, 'trials': rows, 'best': best, 'best_params': best_params,
-               'wall_s': round(time.perf_counter() - t0, 1), 'finished_at': utc_now()}
+               'default': base_trial, 'wall_s': round(time.perf_counter() - t0, 1), 'finished_at': utc_now(),
+               'provenance': {'git': git, 'hardware': hardware_info(), 'started_at': started, 'data_checksum': checksum}}
     write_json(out/'summary.json', summary)
     echo(f"tune {spec['name']}: {len(rows)} trials ({len(done)} ran all {epochs} epochs, {len(rows) - len(done)} stopped early by ASHA "
          f"or the time budget) in {summary['wall_s']:.0f} s; "

@@ -157,6 +157,11 @@ def test_tune_smoke_writes_the_best_configuration(project):
     import yaml
     best = yaml.safe_load((out / 'best.yaml').read_text())
     assert set(s['best_params']) == {'lr', 'weight_decay', 'label_smoothing'}
+    # include_default: the smoke run's own configuration is the first trial, kept as `default` with its validation accuracy
+    base_trials = [t for t in s['trials'] if all(t[k] == s['base'][k] for k in s['best_params'])]
+    assert len(base_trials) == 1 and s['default'] == base_trials[0] and s['default']['completed'], (s['base'], s['trials'])
+    assert s['best']['val_acc'] >= s['default']['val_acc']
+    assert s['provenance']['data_checksum'] and s['provenance']['hardware']['cores'] >= 1 and 'commit' in s['provenance']['git']
     assert best['train']['runs']['cnn-s0']['lr'] == pytest.approx(s['best_params']['lr'])
     from fmnist_lib.pipeline import plan
     jobs = plan('smoke', ['train'], overrides=best)   # best.yaml is a valid -f overlay

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses, os, re, statistics, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
-from .core import FmnistError, atomic_write, git_info, hardware_info, pick_compute, project_paths, read_json, utc_now, write_json
+from .core import (FmnistError, atomic_write, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
+                             write_json)
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, torchvision_root
 from .ensemble import fit_mixture
 from .evaluate import EvaluateResult
@@ -15,17 +16,18 @@ from .explain import RANDOMIZATION_PASS, ExplainResult
 from .fairness import FairnessResult
 from .models import Model
 from .pipeline import train_configs
+from .runs import RunDir
 from .robustness import RobustnessResult
 from .stats import bootstrap, mcnemar_exact
-from .train import model_scores, time_to, train
+from .train import TrainConfig, model_scores, time_to, train
 
 # %% auto #0
-__all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SOURCE_FIELDS',
-           'PIPELINE_FIGURES', 'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS',
-           'README_BEGIN', 'README_END', 'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark',
-           'check_record', 'records', 'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md',
-           'monitor_md', 'retrain_md', 'active_md', 'tune_md', 'readme_block', 'newest_pipeline', 'readme_blocks',
-           'update_readme']
+__all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SUPPLEMENT_FIELDS',
+           'SOURCE_FIELDS', 'PIPELINE_FIGURES', 'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS',
+           'MONITOR_TARGETS', 'README_BEGIN', 'README_END', 'README_BLOCKS', 'STAGE_MD', 'plain_classic',
+           'pipeline_figures', 'benchmark', 'check_record', 'records', 'single_view_supplement', 'with_supplements',
+           'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md', 'monitor_md', 'retrain_md',
+           'active_md', 'tune_md', 'readme_block', 'newest_pipeline', 'readme_blocks', 'update_readme']
 
 # %% ../nbs/12_bench.ipynb #c6
 PROBE_IMAGES = 12_800  # training images between validation checks while timing the way to 90 %
@@ -266,6 +268,7 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
 # %% ../nbs/12_bench.ipynb #c14
 RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'compute', 'seeds', 'data_checksum', 'runs', 'ensembles', 'classic')
 PIPELINE_RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'pipeline')
+SUPPLEMENT_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'of', 'of_sha256', 'runs', 'ensembles')
 SOURCE_FIELDS = ('file', 'commit', 'dirty', 'started_at', 'data_checksum')
 PIPELINE_FIGURES = {  # per stage, the figures the README shows: a pipeline record must hold every one
     'evaluate': ('calibration', 'comparisons', 'worst_class'), 'fairness': ('model_run', 'flagged', 'verdict'),
@@ -303,6 +306,15 @@ def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipel
                  where:str='benchmark record', # names it in errors
                 )->dict: # `r`
     "Raise FmnistError unless `r` is a complete benchmark or pipeline record with accuracies in [0, 1] and non-negative times."
+    if r.get('type') == 'supplement':
+        missing = [k for k in SUPPLEMENT_FIELDS if k not in r]
+        if missing: raise FmnistError(f"{where}: expected a supplement with {', '.join(SUPPLEMENT_FIELDS)}, found {missing} missing")
+        for kind in ('runs', 'ensembles'):
+            for i, row in enumerate(r[kind]):
+                v = row.get('test_acc_single_view')
+                if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                    raise FmnistError(f"{where}: {kind}[{i}].test_acc_single_view: expected an accuracy in [0, 1], found {v!r}")
+        return r
     if r.get('type') == 'pipeline':
         missing = [k for k in PIPELINE_RECORD_FIELDS if k not in r]
         if missing: raise FmnistError(f"{where}: expected a pipeline record with {', '.join(PIPELINE_RECORD_FIELDS)}, found {missing} missing")
@@ -333,6 +345,58 @@ def records(profile:str|None=None, # only this profile's
     out = [(p, check_record(read_json(p), str(p))) for p in sorted(d.glob('*.json'))] if d.is_dir() else []
     return sorted([x for x in out if (profile is None or x[1]['profile'] == profile) and (kind is None or x[1]['type'] == kind)],
                   key=lambda x: x[1]['started_at'])
+
+def single_view_supplement(record:Path|str, # a committed benchmark record made before ensembles had a one-view score
+                           runs_dir:Path|str|None=None, # its trained runs (default reports/bench/<profile>/runs/)
+                           root=None, # project root
+                          )->tuple: # (path, supplement), written beside the record as <record>-single-view.json
+    "The one-view test accuracy of a record's runs and ensembles, from the runs it saved: each must match the record before anything is added."
+    record = Path(record); rec = check_record(read_json(record), record.name)
+    if rec['type'] != 'benchmark': raise FmnistError(f"{record.name}: expected a benchmark record, found type {rec['type']!r}")
+    runs_dir = Path(runs_dir) if runs_dir else project_paths(root).reports/'bench'/rec['profile']/'runs'
+    data, compute, logits, rows = None, pick_compute(), {}, []
+    for row in (x for x in rec['runs'] if x['model'] in ('cnn', 'vit')):
+        name = f"{row['model']}-s{row['seed']}"
+        run = RunDir(runs_dir/name); m = run.metrics()
+        if m.test_acc != row['test_acc'] or m.tta != row['tta']:
+            raise FmnistError(f"{run.path}: expected the run of {record.name} (test accuracy {row['test_acc']}, tta {row['tta']}), found {m.test_acc}, {m.tta}")
+        data = data or TrainConfig.from_dict(run.record().params).split.load()
+        z = run.logits(data, m.tta)
+        if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
+        z['test_single_view'] = run.load_model().logits(data.x_test, tta='none', compute=compute) if m.tta != 'none' else z['test']
+        single = float(_correct(z['test_single_view'], data.y_test).mean())
+        if 'test_acc_single_view' in row and abs(single - row['test_acc_single_view']) > 0.002:   # bf16 may flip a handful of test images
+            raise FmnistError(f"{run.path}: expected the record's one-view accuracy {row['test_acc_single_view']}, found {single}")
+        logits[name] = z; rows.append({'name': name, 'test_acc_single_view': single})
+    ens = []
+    for e in rec['ensembles']:
+        mix = fit_mixture([logits[m]['val'].numpy() for m in e['members']], data.y_val)
+        if max(abs(a - b) for a, b in zip(mix.weights, e['weights'])) > 1e-3:
+            raise FmnistError(f"{record.name}: ensemble {e['name']}: expected the recorded weights {e['weights']}, found {[round(float(w), 4) for w in mix.weights]}")
+        one = _correct(mix.mix([logits[m]['test_single_view'] for m in e['members']]).numpy(), data.y_test)
+        ens.append({'name': e['name'], 'test_acc_single_view': float(one.mean())})
+    sup = {'type': 'supplement', 'profile': rec['profile'], 'started_at': utc_now(), 'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute),
+           'of': record.name, 'of_sha256': sha256_file(record), 'runs': rows, 'ensembles': ens,
+           'note': "one-view test accuracies computed later from the runs the record's benchmark saved (their accuracies and the "
+                   "ensembles' validation-fitted weights checked against the record first); the same mixture on one view per member"}
+    path = record.with_name(record.stem + '-single-view.json')
+    check_record(sup, path.name); write_json(path, sup)
+    return path, sup
+
+def with_supplements(path:Path, # a benchmark record's file
+                     rec:dict, # that record
+                    )->dict: # the record with its supplements' one-view figures merged in, and `supplemented_by` naming them
+    "A record plus the one-view figures of any supplement made for exactly this file (its SHA-256 must match)."
+    out = {**rec, 'ensembles': [dict(e) for e in rec['ensembles']], 'runs': [dict(x) for x in rec['runs']]}
+    for sp in sorted(path.parent.glob(path.stem + '-*.json')):
+        sup = read_json(sp)
+        if sup.get('type') != 'supplement' or sup.get('of') != path.name: continue
+        if sup['of_sha256'] != sha256_file(path): raise FmnistError(f"{sp.name}: expected it to supplement {path.name} as it was, found the record changed since")
+        one = {e['name']: e['test_acc_single_view'] for e in sup['ensembles']}
+        for e in out['ensembles']:
+            if e['name'] in one and 'test_acc_single_view' not in e: e['test_acc_single_view'] = one[e['name']]
+        out['supplemented_by'] = out.get('supplemented_by', []) + [sp.name]
+    return out
 
 def record_pipeline(profile:str='default', # whose stage results to record
                     record_dir:Path|str|None=None, # the record goes here (default benchmarks/ in the project)
@@ -416,7 +480,9 @@ def results_md(r:dict, # a benchmark record
         lines += ['', "Ensembles (temperatures and weights fitted on validation, scored once on test; the exact McNemar test compares each "
                   f"with its best member on the same test images). Members are scored with {' and '.join(views) or 'their test-time views'}; "
                   "the one-view column applies the same mixture to one view per member"
-                  + (" (— : this record predates it)" if any('test_acc_single_view' not in e for e in r['ensembles']) else '') + ":", '',
+                  + (" (— : this record predates it)" if any('test_acc_single_view' not in e for e in r['ensembles']) else '')
+                  + (f" (computed afterwards from this benchmark's saved runs, `benchmarks/{'`, `benchmarks/'.join(r['supplemented_by'])}`)" if r.get('supplemented_by') else '')
+                  + ":", '',
                   '| ensemble | test accuracy | 95 % CI | one view | best member | difference | McNemar p | what it supports |', '|---|---:|---:|---:|---|---:|---:|---|']
         for e in r['ensembles']:
             d = e['test_acc'] - e['best_member_test_acc']
@@ -710,7 +776,7 @@ def readme_blocks(profile:str='default', # whose newest records to show
     if not recs: raise FmnistError(f"benchmarks/: expected a record of profile {profile}, found none; run `fmnist bench --profile {profile}`")
     path, rec = recs[-1]
     pname, p = newest_pipeline(profile, root)
-    out = {'results': results_md(rec, path.name, p, pname).strip('\n')}
+    out = {'results': results_md(with_supplements(path, rec), path.name, p, pname).strip('\n')}
     for k, md in STAGE_MD.items():
         out[k] = (md(p[k], pname) if p and k in p else
                   f"*No {k} figures of profile `{profile}` are recorded yet: run the stage (a search: `fmnist tune`), then `fmnist bench --record-pipeline --profile {profile}`.*").strip('\n')

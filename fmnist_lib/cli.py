@@ -95,7 +95,11 @@ def cmd_book(a)->int:
 # %% ../nbs/90_cli.ipynb #c10
 def cmd_bench(a)->int:
     "Measure the profile's CNN and ViT over seeds, their ensembles, the baselines and a plain fp32 loop; print and record figures."
-    from fmnist_lib.bench import benchmark, record_pipeline, update_readme
+    from fmnist_lib.bench import benchmark, record_pipeline, single_view_supplement, update_readme
+    if a.single_view:
+        path, _ = single_view_supplement(a.single_view)
+        print(f"wrote {path}: the one-view figures of {a.single_view}'s runs and ensembles, from its saved runs; commit it, then `fmnist bench --readme`")
+        return 0
     if a.record_pipeline:
         path, _ = record_pipeline(a.profile)
         print(f"wrote {path} from reports/{a.profile}/'s stage results; commit it, then `fmnist bench --readme`")
@@ -246,6 +250,8 @@ def build_parser()->argparse.ArgumentParser:
     be.add_argument('--profile', default='default', help="whose train recipes to measure (default: default)")
     be.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help="seeds for the CNN and ViT (default: 0 1 2)")
     be.add_argument('--classic-epochs', type=int, default=6, help="epochs of the plain reference loop (default: 6)")
+    be.add_argument('--single-view', metavar='RECORD', help="only add one-view test accuracies to RECORD (a benchmarks/ file made before "
+                    "ensembles had them), computed from the runs its benchmark saved in reports/bench/<profile>/runs/")
     be.add_argument('--readme', action='store_true', help="only regenerate README.md's generated blocks from the newest records in benchmarks/")
     be.add_argument('--record-pipeline', action='store_true', help="only record the headline figures of reports/PROFILE/'s stage results in benchmarks/ (no training)")
     be.set_defaults(func=cmd_bench)

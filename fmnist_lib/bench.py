@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from .core import (FmnistError, atomic_write, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
                              write_json)
-from .data import HUMAN_ACCURACY, HUMAN_SOURCE, torchvision_root
+from .data import HUMAN_ACCURACY, HUMAN_SOURCE, Split, torchvision_root
 from .ensemble import fit_mixture
 from .evaluate import EvaluateResult
 from .explain import RANDOMIZATION_PASS, ExplainResult
@@ -19,7 +19,7 @@ from .pipeline import train_configs
 from .runs import RunDir
 from .robustness import RobustnessResult
 from .stats import bootstrap, mcnemar_exact
-from .train import TrainConfig, model_scores, time_to, train
+from .train import model_scores, time_to, train
 
 # %% auto #0
 __all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SUPPLEMENT_FIELDS',
@@ -360,7 +360,7 @@ def single_view_supplement(record:Path|str, # a committed benchmark record made 
         run = RunDir(runs_dir/name); m = run.metrics()
         if m.test_acc != row['test_acc'] or m.tta != row['tta']:
             raise FmnistError(f"{run.path}: expected the run of {record.name} (test accuracy {row['test_acc']}, tta {row['tta']}), found {m.test_acc}, {m.tta}")
-        data = data or TrainConfig.from_dict(run.record().params).split.load()
+        data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
         z = run.logits(data, m.tta)
         if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
         z['test_single_view'] = run.load_model().logits(data.x_test, tta='none', compute=compute) if m.tta != 'none' else z['test']

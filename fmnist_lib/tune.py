@@ -89,14 +89,14 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
              echo=print, # where progress lines go
             )->dict: # the summary written to summary.json
     "Search the spec's space with Optuna TPE and ASHA on Ray Tune; write results and best.yaml; return the summary."
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
     spec = load_tune_spec(spec_path)
     base = base_config(spec, root)
     out = project_paths(root).reports/'tune'/spec['name']
     out.mkdir(parents=True, exist_ok=True)
-    ray = connect(address, num_cpus, root)
+    ray = connect(address, num_cpus, root)   # first: it sets Ray's environment (loopback, the session token), which Ray reads when imported
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
     asha = spec.get('asha') or {}
     epochs = base.get('epochs', TrainConfig().epochs)
     res = spec.get('resources') or {'num_cpus': 1}

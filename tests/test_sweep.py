@@ -28,13 +28,14 @@ def make_project(dest: Path) -> Path:
     return mp(dest)
 
 
-def in_netns(script: str, root: Path, timeout=600) -> subprocess.CompletedProcess:
-    "Run a bash script in a new network namespace with only loopback up, the venv on PATH, FMNIST_ROOT set."
+def in_netns(script: str, root: Path, timeout=600, token=False) -> subprocess.CompletedProcess:
+    "Run a bash script in a new network namespace with only loopback up, the venv on PATH, FMNIST_ROOT set (`token`: Ray's session token, as users run it)."
     home = root.parent / 'home'   # an empty $HOME: the tests check nothing lands there
     home.mkdir(exist_ok=True)
     env = os.environ | {'HOME': str(home), 'FMNIST_ROOT': str(root), 'PATH': f"{BIN}:{os.environ['PATH']}", 'RAY_USAGE_STATS_ENABLED': '0',
                         'RAY_AUTH_MODE': 'disabled', 'FMNIST_RAY_TMP': str(Path('/tmp') / f'fmr-{root.parent.name[-12:]}')}
     env.pop('RAY_ADDRESS', None)
+    if token: env.pop('RAY_AUTH_MODE')   # fmnist then starts its embedded Ray with a per-session token (sweep.ray_env)
     return subprocess.run(['unshare', '-n', 'bash', '-c', 'set -e; ip link set lo up; ' + script], env=env, check=False, capture_output=True,
                           text=True, timeout=timeout, cwd=root)
 
@@ -137,7 +138,7 @@ def test_sweep_on_a_two_node_cluster_by_address(project):
 @needs_root
 def test_tune_smoke_writes_the_best_configuration(project):
     spec = project / 'nbs' / 'experiments' / 'sweeps' / 'tune-smoke.yaml'
-    r = in_netns(f'fmnist tune {spec}', project, timeout=900)
+    r = in_netns(f'fmnist tune {spec}', project, timeout=900, token=True)   # Ray must be imported after connect() set the token, or it never connects
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = project / 'reports' / 'tune' / 'tune-smoke'
     s = json.loads((out / 'summary.json').read_text())

@@ -664,8 +664,11 @@ def retrain_md(r:dict, # the `retrain` figures of a record (`pipeline_figures`)
             f"labelled stream images × {lab['oversample']}; validation accuracy {_pct(cand['val_acc'], 1)} against `{r['monitored_run']}`'s "
             f"{_pct(cand['val_acc_monitored'], 1)}; " + ('no test score' if not cand.get('n_test') else f"scored on {cand['n_test']:,} test images")
             + f") was judged on {r['judge']['n']:,} images of the {len(r['judge']['windows'])} later drifted windows ({r['judge']['dropped']:,} dropped "
-            f"because their source image was also labelled): {ci(c)} against the store's champion ({ch}) {ci(a)}; McNemar {mc['candidate_only']:,} "
-            f"candidate-only against {mc['champion_only']:,} champion-only right, p = {mc['p_value']:.1g}, so the decision was \"{r['decision']}\""
+            f"because their source image was also labelled): {ci(c)} against the store's champion ({ch}) {ci(a)}"
+            + (f" and the monitored `{r['monitored_run']}` {ci(r['accuracy']['monitored'])}" if r['accuracy'].get('monitored') else '')
+            + f"; McNemar {mc['candidate_only']:,} candidate-only against {mc['champion_only']:,} champion-only right"
+            + (" (the two were right on exactly the same images)" if mc['candidate_only'] == mc['champion_only'] == 0 else '')
+            + f", p = {mc['p_value']:.1g}, so the decision was \"{r['decision']}\""
             + (f": registered as {_version(r['store_version'])} and promoted" if r['promoted'] else ' and the champion stays')
             + f". Per judge window, champion → candidate: {per}. The stage took {r['wall_time_s'] / 60:.0f} min, {cand['train_time_s'] / 60:.0f} min of it "
             f"the {cand['epochs']} epochs.\n")
@@ -719,7 +722,8 @@ def tune_md(t:dict, # the `tune` figures of a record (`pipeline_figures`)
     stops = {}
     for x in t['trials']:
         if not x['completed']: stops[x['epochs']] = stops.get(x['epochs'], 0) + 1
-    stopped = ', '.join(f"{v} after {k} epoch{'s' if k != 1 else ''}" for k, v in sorted(stops.items()))
+    stopped = ', '.join((f"{v} after {k} epoch{'s' if k != 1 else ''}" if k is not None else f"{v} before its first epoch ended")   # cut by the budget
+                        for k, v in sorted(stops.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
     params = lambda r: ', '.join(f"{k.replace('_', ' ')} {r[k]:.3g}" for k in t['space'])
     b, d = t['best'], t['default']
     conc = 'one trial at a time' if t.get('max_concurrent') == 1 else f"up to {t.get('max_concurrent') or 'all'} trials at a time"

@@ -1,7 +1,7 @@
 """The README's results are the newest committed records', word for word (`fmnist bench --readme` writes them)."""
 from pathlib import Path
 import pytest
-from fmnist_lib.bench import README_BLOCKS, check_record, readme_block, readme_blocks, records, results_md
+from fmnist_lib.bench import README_BLOCKS, check_record, readme_block, readme_blocks, records, results_md, with_supplements
 from fmnist_lib.core import FmnistError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,7 +13,7 @@ def test_the_readme_results_are_generated_from_the_newest_default_record():
     path, rec = recs[-1]
     assert rec['git']['commit'] and rec['seeds'] and rec['hardware']['cores'] >= 1
     block = readme_block((REPO / 'README.md').read_text())
-    assert block.startswith(results_md(rec, path.name).split('Pipeline results')[0].strip('\n')), \
+    assert block.startswith(results_md(with_supplements(path, rec), path.name).split('Pipeline results')[0].strip('\n')), \
         f"README.md's results differ from {path.name}: run `fmnist bench --readme` (never edit the generated block by hand)"
 
 

@@ -105,7 +105,7 @@ smoke: data evidently
 	$(BIN)/fmnist run --profile smoke --quiet
 
 test-py: setup evidently
-	$(BIN)/python -m pytest -rs tests
+	$(BIN)/python -m pytest -rs --durations=25 tests
 
 # nbval re-executes the executed smoke reports (training included: a finished run's checkpoint is
 # never resumed) and compares their outputs with the committed sanitizers.

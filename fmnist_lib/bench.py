@@ -74,11 +74,15 @@ def _acc_ci(correct:np.ndarray)->list:
     b = bootstrap(lambda i: correct[i].mean(), len(correct))
     return [round(b['lo'], 5), round(b['hi'], 5)]
 
+def _one_view(model, data, tta:str, z_test, compute):
+    "Test logits of the plain image alone: `z_test` itself when it was made with one view."
+    return z_test if tta == 'none' else model.logits(data.x_test, tta='none', compute=compute)
+
 def _run_row(kind:str, seed:int, t, data, resolution:str)->tuple:
     "A trained run's row of the record, with its saved validation and test logits."
     z = t.run.logits(data, t.metrics.tta)   # the logits the run saved: no second scoring
     correct = _correct(z['test'], data.y_test)
-    z['test_single_view'] = t.model.logits(data.x_test, tta='none', compute=pick_compute()) if t.metrics.tta != 'none' else z['test']
+    z['test_single_view'] = _one_view(t.model, data, t.metrics.tta, z['test'], pick_compute())
     single = float(_correct(z['test_single_view'], data.y_test).mean())
     row = {'model': kind, 'seed': seed, 'n_params': t.model.n_params, 'epochs': t.metrics.epochs_run, 'tta': t.metrics.tta,
            'test_acc': t.metrics.test_acc, 'test_acc_single_view': single, 'test_ci': _acc_ci(correct), 'train_time_s': t.metrics.train_time_s,
@@ -363,7 +367,7 @@ def single_view_supplement(record:Path|str, # a committed benchmark record made 
         data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
         z = run.logits(data, m.tta)
         if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
-        z['test_single_view'] = run.load_model().logits(data.x_test, tta='none', compute=compute) if m.tta != 'none' else z['test']
+        z['test_single_view'] = _one_view(run.load_model(), data, m.tta, z['test'], compute)
         single = float(_correct(z['test_single_view'], data.y_test).mean())
         if 'test_acc_single_view' in row and abs(single - row['test_acc_single_view']) > 0.002:   # bf16 may flip a handful of test images
             raise FmnistError(f"{run.path}: expected the record's one-view accuracy {row['test_acc_single_view']}, found {single}")

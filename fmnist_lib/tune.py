@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, os, re, time
 from pathlib import Path
 import numpy as np, yaml
-from .core import FmnistError, atomic_write, git_info, hardware_info, project_paths, utc_now, write_json
+from .core import FmnistError, atomic_write, project_paths, provenance, utc_now, write_json
 from .pipeline import PipelineError, train_configs
 from .sweep import SweepError, check_resources, connect
 from .train import TrainConfig, train
@@ -103,7 +103,7 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
     check_resources(ray, res, f"tune {spec['name']}")
     # include_default: the base configuration is the first trial, measured the same way as the others (ASHA has nothing to stop it against)
     default = {k: base[k] for k in spec['space']} if spec.get('include_default') else None
-    started, git, checksum = utc_now(), git_info(root), TrainConfig.from_dict(base).split.load().checksum
+    prov = provenance(seed=spec.get('seed', 0), data_checksum=TrainConfig.from_dict(base).split.load().checksum, tune=spec['name'])
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {'cpu': res.get('num_cpus', 1), 'gpu': res.get('num_gpus', 0)}),
@@ -134,7 +134,7 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
     base_trial = next((r for r in rows if default and all(r.get(k) == v for k, v in default.items())), None)
     summary = {'name': spec['name'], 'spec': spec, 'base': base, 'trials': rows, 'best': best, 'best_params': best_params,
                'default': base_trial, 'wall_s': round(time.perf_counter() - t0, 1), 'finished_at': utc_now(),
-               'provenance': {'git': git, 'hardware': hardware_info(), 'started_at': started, 'data_checksum': checksum}}
+               'provenance': prov}
     write_json(out/'summary.json', summary)
     echo(f"tune {spec['name']}: {len(rows)} trials ({len(done)} ran all {epochs} epochs, {len(rows) - len(done)} stopped early by ASHA "
          f"or the time budget) in {summary['wall_s']:.0f} s; "

@@ -11,8 +11,9 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .core import FmnistError, TTA, atomic_write, read_json, write_json
 
 # %% auto #0
-__all__ = ['FMNIST_MEAN', 'FMNIST_STD', 'BUILDERS', 'Standardize', 'NoSkill', 'NearestCentroid', 'LogReg', 'conv_bn', 'CNN',
-           'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build', 'to_input', 'shift', 'Model']
+__all__ = ['FMNIST_MEAN', 'FMNIST_STD', 'CNN_POOLS', 'BUILDERS', 'Standardize', 'NoSkill', 'NearestCentroid', 'LogReg', 'conv_bn',
+           'conv_pool_bn', 'CNN', 'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build', 'to_input', 'shift',
+           'Model']
 
 # %% ../nbs/02_models.ipynb #c6
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -77,18 +78,33 @@ def conv_bn(cin:int, # input channels
     "3×3 convolution (no bias: batch norm has one), batch norm, ReLU (not in-place: SHAP's DeepExplainer needs that)."
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
+def conv_pool_bn(cin:int, # input channels
+                 cout:int, # output channels
+                )->nn.Sequential: # Conv2d(3×3, padding 1) → MaxPool2d(2, rounding up) → BatchNorm2d → ReLU; spatial size halved
+    "3×3 convolution, then the stage's max-pool before batch norm and ReLU: the first layer of a `pool='early'` stage."
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2, ceil_mode=True), nn.BatchNorm2d(cout), nn.ReLU())
+
+CNN_POOLS = ('late', 'early')
+
 class CNN(nn.Module):
     "VGG-style CNN for 28×28 inputs."
     def __init__(self, widths:tuple=(32, 64, 128), # channels of each stage (a max-pool follows each stage)
                  convs:int|list=2, # 3×3 convolutions per stage: one number for all stages, or one per stage
-                 n_classes:int=10, logit_scale:float=0.125, dropout:float=0.0):
+                 n_classes:int=10, logit_scale:float=0.125, dropout:float=0.0,
+                 pool:str='late', # 'late': max-pool after a stage's convolutions; 'early': right after its first one
+                ):
         super().__init__()
         layers, cin = [Standardize()], 1
         convs = list(convs) if isinstance(convs, (list, tuple)) else [convs] * len(widths)
         if len(convs) != len(widths): raise FmnistError(f"CNN: expected one convs entry per stage ({len(widths)}), found {convs}")
+        if pool not in CNN_POOLS: raise FmnistError(f"CNN pool: expected one of {', '.join(CNN_POOLS)}, found {pool!r}")
         for w, k in zip(widths, convs):
-            for _ in range(k): layers.append(conv_bn(cin, w)); cin = w
-            layers.append(nn.MaxPool2d(2))
+            if pool == 'early':
+                layers.append(conv_pool_bn(cin, w)); cin = w
+                for _ in range(k - 1): layers.append(conv_bn(cin, w))
+            else:
+                for _ in range(k): layers.append(conv_bn(cin, w)); cin = w
+                layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(cin, n_classes, bias=False)
@@ -96,7 +112,7 @@ class CNN(nn.Module):
     def forward(self, x):
         return self.head(self.drop(self.features(x).amax((2, 3)))) * self.logit_scale
 
-# %% ../nbs/02_models.ipynb #c12
+# %% ../nbs/02_models.ipynb #c14
 class ClassicCNN(nn.Module):
     "Conv(32) → Conv(64) → max-pool → dropout → FC(128) → dropout → FC(10), as in the PyTorch MNIST example."
     def __init__(self, n_classes:int=10):
@@ -109,7 +125,7 @@ class ClassicCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(self.norm(x))))), 2)
         return self.fc2(self.drop2(F.relu(self.fc1(self.drop1(x).flatten(1)))))
 
-# %% ../nbs/02_models.ipynb #c14
+# %% ../nbs/02_models.ipynb #c16
 class Block(nn.Module):
     "Pre-norm transformer block: multi-head self-attention and an MLP, each with a residual connection."
     def __init__(self, dim:int, heads:int, mlp_ratio:float=2.0, dropout:float=0.0):
@@ -151,7 +167,7 @@ class ViT(nn.Module):
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
         return self.head(self.out_norm(self.blocks(t))[:, 0])
 
-# %% ../nbs/02_models.ipynb #c16
+# %% ../nbs/02_models.ipynb #c18
 class Ensemble(nn.Module):
     "Weighted average of member probabilities, each member's logits divided by its temperature; returns log-probabilities."
     def __init__(self, members:list, weights:list|None=None, temperatures:list|None=None):
@@ -178,7 +194,7 @@ def mix_logits(member_logits:list, # one (n, classes) logit tensor per member
     p = sum(float(w) * F.softmax(torch.as_tensor(z).float() / float(t), -1) for w, t, z in zip(weights, temperatures, member_logits))
     return torch.log(p.clamp_min(1e-12))
 
-# %% ../nbs/02_models.ipynb #c18
+# %% ../nbs/02_models.ipynb #c20
 def _build_ensemble(members:list, weights:list|None=None, temperatures:list|None=None):
     return Ensemble([build(m['kind'], **m.get('arch', {})) for m in members], weights, temperatures)
 
@@ -194,7 +210,7 @@ def build(kind:str, # one of `BUILDERS`
     try: return BUILDERS[kind](**arch)
     except TypeError as e: raise FmnistError(f"model {kind}: bad architecture arguments {arch} ({e})") from None
 
-# %% ../nbs/02_models.ipynb #c19
+# %% ../nbs/02_models.ipynb #c21
 def to_input(x, # uint8 images (n, 28, 28) as a numpy array or tensor, or floats already in [0, 1]
             )->torch.Tensor:
     "Model input: float32 in [0, 1] with shape (n, 1, 28, 28)."

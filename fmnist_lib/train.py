@@ -12,7 +12,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .core import (FmnistError, Result, atomic_write, get_logger, git_info, hardware_info, pick_compute, project_paths,
                              provenance, seed_everything, write_json)
 from .data import Data, Split
-from .models import TTA, Model, to_input
+from .models import CNN_POOLS, TTA, Model, to_input
 from .runs import RunDir, RunMetrics, RunRecord
 from . import store
 
@@ -53,6 +53,7 @@ class TrainConfig:
     # --- architecture
     widths: list = field(default_factory=lambda: [32, 64, 128])  # CNN channels per stage
     convs: list = field(default_factory=lambda: [2, 2, 2])       # CNN 3x3 convolutions per stage
+    pool: str = 'late'             # CNN max-pool placement: late (after a stage's convolutions) | early (after its first)
     patch: int = 4                 # ViT patch side in pixels
     dim: int = 96                  # ViT token width
     depth: int = 4                 # ViT transformer blocks
@@ -88,6 +89,7 @@ class TrainConfig:
             bad('convs', f'a list of {len(self.widths)} positive integers (one per entry of widths)')
         if self.model == 'vit' and (28 % self.patch or self.dim % self.heads): bad('patch', 'a divisor of 28 (and dim divisible by heads)')
         if self.tta not in TTA: bad('tta', 'one of ' + ', '.join(TTA))
+        if self.pool not in CNN_POOLS: bad('pool', 'one of ' + ', '.join(CNN_POOLS))
         if self.device not in ('auto', 'cpu', 'cuda'): bad('device', "'auto', 'cpu' or 'cuda'")
         if self.precision not in ('auto', 'bf16', 'fp32'): bad('precision', "'auto', 'bf16' or 'fp32'")
         return self
@@ -107,7 +109,7 @@ class TrainConfig:
 
     def arch(self)->dict:
         "The architecture arguments of this config's model kind."
-        if self.model == 'cnn': return {'widths': list(self.widths), 'convs': list(self.convs), 'dropout': self.dropout}
+        if self.model == 'cnn': return {'widths': list(self.widths), 'convs': list(self.convs), 'dropout': self.dropout, 'pool': self.pool}
         if self.model == 'vit': return {'patch': self.patch, 'dim': self.dim, 'depth': self.depth, 'heads': self.heads,
                                         'mlp_ratio': self.mlp_ratio, 'dropout': self.dropout}
         return {}

@@ -19,15 +19,17 @@ from .pipeline import train_configs
 from .runs import RunDir
 from .robustness import RobustnessResult
 from .stats import bootstrap, mcnemar_exact
-from .train import model_scores, time_to, train
+from .train import TrainConfig, model_scores, time_to, train
 
 # %% auto #0
-__all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECORD_FIELDS', 'PIPELINE_RECORD_FIELDS', 'SUPPLEMENT_FIELDS',
-           'SOURCE_FIELDS', 'PIPELINE_FIGURES', 'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS',
-           'MONITOR_TARGETS', 'README_BEGIN', 'README_END', 'README_BLOCKS', 'STAGE_MD', 'plain_classic',
-           'pipeline_figures', 'benchmark', 'check_record', 'records', 'single_view_supplement', 'with_supplements',
-           'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md', 'monitor_md', 'retrain_md',
-           'active_md', 'tune_md', 'readme_block', 'newest_pipeline', 'readme_blocks', 'update_readme']
+__all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECIPE_TARGETS', 'RECIPES_FILE', 'REFERENCE', 'RECORD_FIELDS',
+           'PIPELINE_RECORD_FIELDS', 'RECIPES_RECORD_FIELDS', 'SUPPLEMENT_FIELDS', 'SOURCE_FIELDS', 'PIPELINE_FIGURES',
+           'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS', 'README_BEGIN', 'README_END',
+           'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark', 'load_recipes',
+           'recipe_configs', 'recipe_medians', 'pareto', 'choose_recipe', 'compare_recipes', 'check_record', 'records',
+           'single_view_supplement', 'with_supplements', 'record_pipeline', 'faster_words', 'results_md', 'pipeline_md',
+           'serve_md', 'monitor_md', 'retrain_md', 'active_md', 'tune_md', 'recipes_md', 'readme_block',
+           'newest_pipeline', 'readme_blocks', 'update_readme']
 
 # %% ../nbs/12_bench.ipynb #c6
 PROBE_IMAGES = 12_800  # training images between validation checks while timing the way to 90 %
@@ -96,7 +98,12 @@ def _ensemble_row(name:str, members:list, logits:list, rows:list, data)->dict:
     single = _correct(mix.mix([z['test_single_view'] for z in logits]).numpy(), data.y_test)   # the same mixture, one view per member
     best = max(range(len(rows)), key=lambda i: rows[i]['test_acc'])
     p = mcnemar_exact(correct, _correct(logits[best]['test'], data.y_test))['p_value']
+    vc = _correct(mix.mix([z['val'] for z in logits]).numpy(), data.y_val)   # in-sample for the mixture's few weights: the selection signal
+    vbest = max(range(len(rows)), key=lambda i: float(_correct(logits[i]['val'], data.y_val).mean()))
+    vb = _correct(logits[vbest]['val'], data.y_val)
     return {'name': name, 'members': members, 'weights': [round(float(w), 4) for w in mix.weights], 'test_acc': float(correct.mean()),
+            'val_acc': float(vc.mean()), 'best_member_val': members[vbest], 'best_member_val_acc': float(vb.mean()),
+            'mcnemar_p_val_vs_best_member': mcnemar_exact(vc, vb)['p_value'],
             'test_acc_single_view': float(single.mean()),
             'weighting': mix.weighting, 'test_ci': _acc_ci(correct), 'best_member': members[best], 'best_member_test_acc': rows[best]['test_acc'], 'mcnemar_p_vs_best_member': p,
             'train_time_s': round(sum(r['train_time_s'] for r in rows), 2)}
@@ -270,8 +277,144 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
     return record
 
 # %% ../nbs/12_bench.ipynb #c14
+RECIPE_TARGETS = (0.90, 0.93, 0.94)   # validation accuracies whose times are recorded
+RECIPES_FILE = 'nbs/experiments/recipes.yaml'
+REFERENCE = 'reference'                # the profile's own CNN recipe, always measured first
+
+def load_recipes(profile:str, # whose candidates
+                 root=None, # project root
+                )->dict: # {name: overrides of the profile's CNN parameters}
+    "The candidate CNN recipes of `profile` from `RECIPES_FILE`."
+    import yaml
+    path = project_paths(root).root/RECIPES_FILE
+    if not path.is_file(): raise FmnistError(f"{path}: expected the candidate recipes file, found no such file")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict) or profile not in spec:
+        raise FmnistError(f"{path}: expected candidate recipes for profile {profile!r}, found profiles {sorted(spec) if isinstance(spec, dict) else spec!r}")
+    return spec[profile]
+
+def recipe_configs(base:TrainConfig, # the profile's CNN recipe
+                   recipes:dict, # {name: overrides}
+                  )->dict: # {name: TrainConfig}, the reference first
+    "Every candidate as a checked config: the reference's parameters with the candidate's overrides on top."
+    if not isinstance(recipes, dict) or not recipes: raise FmnistError(f"recipes: expected a mapping of names to parameter overrides, found {recipes!r}")
+    out = {REFERENCE: base}
+    for name, o in recipes.items():
+        if name == REFERENCE or not isinstance(o, dict) or not o:
+            raise FmnistError(f"recipe {name!r}: expected a name other than {REFERENCE!r} and a non-empty mapping of training parameters, found {o!r}")
+        try: out[name] = TrainConfig.from_dict(dataclasses.asdict(base) | o)
+        except FmnistError as e: raise FmnistError(f"recipe {name!r}: {e}") from None
+    return out
+
+def _by_recipe(runs:list)->dict:
+    out = {}
+    for r in runs: out.setdefault(r['recipe'], []).append(r)
+    return out
+
+def recipe_medians(runs:list, # the record's run rows
+                  )->dict: # {recipe: medians over its seeds}
+    "Median figures per recipe over its seeds (times to a target: over the seeds that reached it, with the count)."
+    out = {}
+    for name, rows in _by_recipe(runs).items():
+        out[name] = {k: _med([x[k] for x in rows]) for k in ('val_acc', 'test_acc', 'test_acc_flip', 'test_acc_single_view', 'train_time_s', 's_per_epoch')}
+        out[name]['time_to_val_s'] = {a: _med([x['time_to_val_s'][a] for x in rows]) for a in rows[0]['time_to_val_s']}
+        out[name]['reached'] = {a: sum(x['time_to_val_s'][a] is not None for x in rows) for a in rows[0]['time_to_val_s']}
+        out[name]['n_params'], out[name]['epochs'], out[name]['seeds'] = rows[0]['n_params'], rows[0]['epochs'], len(rows)
+    return out
+
+def pareto(points:dict, # {name: (seconds, accuracy)}
+          )->list: # names no other point beats on both (faster or as fast, and at least as accurate, one of them strictly)
+    "The Pareto front of accuracy against time."
+    def beaten(n):
+        t, a = points[n]
+        return any((t2 <= t and a2 >= a) and (t2 < t or a2 > a) for m, (t2, a2) in points.items() if m != n)
+    return [n for n in points if not beaten(n)]
+
+def choose_recipe(runs:list, # the record's run rows (each with 'recipe', 'val_acc', 'train_time_s')
+                  val_paired:dict, # {recipe: McNemar of its seeds against the reference's same seeds on validation}
+                  reference:str=REFERENCE, # the name of the profile's own recipe
+                 )->dict: # {'rule', 'chosen', 'replaces_reference', 'why', ...}
+    "The pre-registered rule, on validation only: among recipes whose median training time is at most the reference's, the highest median validation accuracy; it replaces the reference only when it is better on validation (pooled McNemar p < 0.05)."
+    med = recipe_medians(runs)
+    eligible = [n for n in med if med[n]['train_time_s'] <= med[reference]['train_time_s']]
+    chosen = max(eligible, key=lambda n: (med[n]['val_acc'], -med[n]['train_time_s']))
+    rule = ("among recipes whose median training time is at most the reference's, the highest median validation accuracy (its own test-time views); "
+            "it replaces the reference only when better on validation: exact McNemar over the seeds' paired validation predictions, p < 0.05")
+    if chosen == reference:
+        return {'rule': rule, 'chosen': chosen, 'replaces_reference': False, 'why': 'no faster or as fast recipe has a higher median validation accuracy'}
+    t = val_paired[chosen]
+    better = t['p_value'] < 0.05 and t['a_only'] > t['b_only']
+    d = med[chosen]['val_acc'] - med[reference]['val_acc']
+    return {'rule': rule, 'chosen': chosen, 'replaces_reference': better, 'val_difference': d, 'mcnemar': t,
+            'why': (f"better on validation ({100 * d:+.2f} points, p = {_p(t['p_value'])})" if better else
+                    f"not detectably better on validation ({100 * d:+.2f} points, p = {_p(t['p_value'])}): the reference stays")}
+
+def compare_recipes(profile:str='default', # whose CNN recipe is the reference
+                    seeds:list=(0, 1, 2), # seeds of every recipe
+                    recipes:dict|None=None, # {name: overrides}; default: the profile's entry in `RECIPES_FILE`
+                    out_dir:Path|str|None=None, # trained runs go here (default reports/bench/<profile>-recipes/)
+                    record_dir:Path|str|None=None, # the record goes here (default benchmarks/ in the project)
+                    echo=print, # where progress lines go
+                   )->dict: # the record, also written to `record_dir`
+    "Train the reference and the candidate recipes side by side over seeds; time to each target at step resolution, test figures, seed ensembles, the choice."
+    paths = project_paths()
+    out = Path(out_dir) if out_dir else paths.reports/'bench'/f'{profile}-recipes'
+    rec_dir = Path(record_dir) if record_dir else paths.root/'benchmarks'
+    base = next((c for c in train_configs(profile).values() if c.model == 'cnn'), None)
+    if base is None: raise FmnistError(f"profile {profile}: expected a train run with model cnn, found none")
+    cfgs = recipe_configs(base, load_recipes(profile) if recipes is None else recipes)
+    data, compute = base.split.load(), pick_compute(base.device, base.precision)
+    started, t_all, git = utc_now(), time.perf_counter(), git_info()
+    runs, logits = [], {}
+    for seed in seeds:
+        for name, c in cfgs.items():
+            cfg = dataclasses.replace(c, seed=seed)
+            t = train(cfg, out/'runs'/f'{name}-s{seed}', data=data, progress=False, probe_every=max(1, PROBE_IMAGES // cfg.batch_size),
+                      probe_until=RECIPE_TARGETS[-1])
+            row, z = _run_row('cnn', seed, t, data, 'step')
+            flip = z['test'] if t.metrics.tta == 'flip' else t.model.logits(data.x_test, tta='flip', compute=compute)
+            seen = t.metrics.val_curve + t.metrics.history
+            row |= {'recipe': name, 'val_acc': t.metrics.val_acc, 'test_acc_flip': float(_correct(flip, data.y_test).mean()),
+                    'time_to_val_s': {f'{a:g}': time_to(seen, a) for a in RECIPE_TARGETS},
+                    's_per_epoch': round(t.metrics.train_time_s / max(t.metrics.epochs_run, 1), 2)}
+            runs.append(row); logits[(name, seed)] = z
+            echo(f"{name:>14} seed {seed}: validation {100 * row['val_acc']:.2f} %, test {100 * row['test_acc']:.2f} % ({row['tta']}), "
+                 f"flip {100 * row['test_acc_flip']:.2f} %, one view {100 * row['test_acc_single_view']:.2f} %, training {row['train_time_s']:.0f} s; "
+                 + ', '.join(f"{100 * float(k):g} % validation after {_sec(v) if v is not None else 'never'}" for k, v in row['time_to_val_s'].items()))
+    val_paired = {n: mcnemar_exact(np.concatenate([_correct(logits[(n, s)]['val'], data.y_val) for s in seeds]),
+                                   np.concatenate([_correct(logits[(REFERENCE, s)]['val'], data.y_val) for s in seeds]))
+                  for n in cfgs if n != REFERENCE}
+    ensembles = []
+    if len(seeds) > 1:
+        for name in cfgs:
+            rows = [r for r in runs if r['recipe'] == name]
+            e = _ensemble_row(f'{name}, {len(seeds)} seeds', [f'{name}-s{s}' for s in seeds], [logits[(name, s)] for s in seeds], rows, data)
+            e['recipe'] = name; ensembles.append(e)
+            echo(f"  ensemble of {e['name']}: validation {100 * e['val_acc']:.2f} % (p = {_p(e['mcnemar_p_val_vs_best_member'])} against its best member), "
+                 f"test {100 * e['test_acc']:.2f} %")
+    hw = hardware_info()
+    record = {'type': 'recipes', 'profile': profile, 'started_at': started, 'finished_at': utc_now(), 'git': git, 'hardware': hw,
+              'compute': str(compute), 'seeds': list(seeds), 'data_checksum': data.checksum, 'probe_images': PROBE_IMAGES,
+              'targets': [f'{a:g}' for a in RECIPE_TARGETS], 'reference': dataclasses.asdict(base),
+              'recipes': {n: {k: v for k, v in dataclasses.asdict(c).items() if v != getattr(base, k)} for n, c in cfgs.items()},
+              'runs': runs, 'val_paired': val_paired, 'ensembles': ensembles, 'choice': choose_recipe(runs, val_paired),
+              'wall_time_s': round(time.perf_counter() - t_all, 1),
+              'note': 'measured with the machine to itself, seeds interleaved across recipes; times are training loops only (validation checks and scoring excluded)'}
+    check_record(record)
+    path = rec_dir/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}-recipes.json"
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    md = recipes_md(record, path.name)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out/'recipes.md', 'w') as f: f.write(md)
+    echo('\n' + md); echo(f"wrote {path} ({record['wall_time_s']:.0f} s in all); `fmnist bench --readme` puts it in README.md")
+    return record
+
+# %% ../nbs/12_bench.ipynb #c16
 RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'compute', 'seeds', 'data_checksum', 'runs', 'ensembles', 'classic')
 PIPELINE_RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'pipeline')
+RECIPES_RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'compute', 'seeds', 'data_checksum', 'targets', 'reference', 'recipes',
+                         'runs', 'val_paired', 'ensembles', 'choice')
 SUPPLEMENT_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'of', 'of_sha256', 'runs', 'ensembles')
 SOURCE_FIELDS = ('file', 'commit', 'dirty', 'started_at', 'data_checksum')
 PIPELINE_FIGURES = {  # per stage, the figures the README shows: a pipeline record must hold every one
@@ -319,6 +462,18 @@ def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipel
                 if not (isinstance(v, (int, float)) and 0 <= v <= 1):
                     raise FmnistError(f"{where}: {kind}[{i}].test_acc_single_view: expected an accuracy in [0, 1], found {v!r}")
         return r
+    if r.get('type') == 'recipes':
+        missing = [k for k in RECIPES_RECORD_FIELDS if k not in r]
+        if missing: raise FmnistError(f"{where}: expected a recipes record with {', '.join(RECIPES_RECORD_FIELDS)}, found {missing} missing")
+        for i, row in enumerate(r['runs']):
+            if row.get('recipe') not in r['recipes']: raise FmnistError(f"{where}: runs[{i}].recipe: expected one of {sorted(r['recipes'])}, found {row.get('recipe')!r}")
+            for k in ('val_acc', 'test_acc', 'test_acc_flip', 'test_acc_single_view'):
+                if not (isinstance(row.get(k), (int, float)) and 0 <= row[k] <= 1):
+                    raise FmnistError(f"{where}: runs[{i}].{k}: expected an accuracy in [0, 1], found {row.get(k)!r}")
+            for k, v in row['time_to_val_s'].items():
+                if v is not None and not (isinstance(v, (int, float)) and v >= 0): raise FmnistError(f"{where}: runs[{i}].time_to_val_s.{k}: expected seconds >= 0, found {v!r}")
+        if r['choice']['chosen'] not in r['recipes']: raise FmnistError(f"{where}: choice.chosen: expected one of {sorted(r['recipes'])}, found {r['choice']['chosen']!r}")
+        return r
     if r.get('type') == 'pipeline':
         missing = [k for k in PIPELINE_RECORD_FIELDS if k not in r]
         if missing: raise FmnistError(f"{where}: expected a pipeline record with {', '.join(PIPELINE_RECORD_FIELDS)}, found {missing} missing")
@@ -342,7 +497,7 @@ def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipel
 
 def records(profile:str|None=None, # only this profile's
             root=None, # project root
-            kind:str|None='benchmark', # only records of this type ('benchmark' or 'pipeline'); None: both
+            kind:str|None='benchmark', # only records of this type ('benchmark', 'pipeline' or 'recipes'); None: all
            )->list: # [(path, record)], oldest first
     "The committed records in benchmarks/, every one checked, oldest first."
     d = project_paths(root).root/'benchmarks'
@@ -421,7 +576,7 @@ def record_pipeline(profile:str='default', # whose stage results to record
     write_json(path, rec)
     return path, rec
 
-# %% ../nbs/12_bench.ipynb #c16
+# %% ../nbs/12_bench.ipynb #c18
 def _med(v:list): v = [x for x in v if x is not None]; return statistics.median(v) if v else None
 def _pct(v, d=2): return '—' if v is None else f"{100 * v:.{d}f} %"
 def _rng(v:list, d=2): return '—' if not v else (f"{100 * min(v):.{d}f}–{100 * max(v):.{d}f}" if len(v) > 1 else f"{100 * v[0]:.{d}f}")
@@ -505,7 +660,7 @@ def results_md(r:dict, # a benchmark record
     if p: lines += ['', pipeline_md(p, '' if pn == name else pn)]
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/12_bench.ipynb #c17
+# %% ../nbs/12_bench.ipynb #c19
 def _src(s:dict)->str: return f"`{s['file']}`, commit `{(s.get('commit') or '?')[:7]}`{', uncommitted changes' if s.get('dirty') else ''}"
 
 def pipeline_md(p:dict, # `pipeline_figures` of a record
@@ -541,7 +696,7 @@ def pipeline_md(p:dict, # `pipeline_figures` of a record
     return (f"Pipeline results of the `{p['evaluate']['file'].split('/')[1]}` profile" + (f" (from `benchmarks/{record}`)" if record else '')
             + ":\n\n" + '\n'.join(out))
 
-# %% ../nbs/12_bench.ipynb #c18
+# %% ../nbs/12_bench.ipynb #c20
 def _met(t:dict)->str: return 'met' if t['met'] else '**not met**'
 def _when(s:dict)->str: return f"started {(s.get('started_at') or '?')[:16].replace('T', ' ')} UTC"
 def _profile(s:dict)->str: return s['file'].split('/')[1]
@@ -752,12 +907,70 @@ def _saved_words(v:dict, last:int)->str:
     if v['kind'] == 'at least': return f"at least about {round(v['labels'], -1):,.0f} (random did not reach it by {last:,})"
     return 'not measurable (it did not reach it)'
 
-# %% ../nbs/12_bench.ipynb #c19
+# %% ../nbs/12_bench.ipynb #c21
+def _params(v:dict)->str:
+    return ', '.join(f"{k} {'/'.join(map(str, x)) if isinstance(x, list) else x}" for k, x in v.items() if k != 'seed') or 'the profile\'s CNN'
+
+def recipes_md(r:dict, # a recipes record (`compare_recipes`)
+               name:str='', # its file name, for the provenance line
+              )->str: # Markdown
+    "The recipes side by side: times, accuracies, ratios to the reference, the seed ensembles and the choice, every number from the record."
+    check_record(r, name or 'recipes record')
+    hw, g, n, ref = r['hardware'], r['git'], len(r['seeds']), REFERENCE
+    med = recipe_medians(r['runs'])
+    by = _by_recipe(r['runs'])
+    front = pareto({k: (m['train_time_s'], m['val_acc']) for k, m in med.items()})
+    tref = med[ref]['train_time_s']
+    lines = [f"From `benchmarks/{name}`: commit `{(g.get('commit') or '?')[:7]}`{' with uncommitted changes' if g.get('dirty') else ''}, "
+             f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, compute {r['compute']}, seeds {', '.join(map(str, r['seeds']))} of every recipe "
+             f"(interleaved), started {r['started_at'][:16].replace('T', ' ')} UTC, {r.get('wall_time_s', 0) / 60:.0f} min with the machine to itself. "
+             f"The reference is the `{r['profile']}` profile's CNN ({_params({k: r['reference'][k] for k in ('epochs', 'widths', 'convs', 'pool', 'lr', 'batch_size')})}); "
+             f"each candidate is the reference with the changes named. Medians of {n} seeds; training time excludes validation checks and scoring.", '',
+             f"| recipe | changes | parameters | training time (range) | × reference | s/epoch | validation | test, one view | test, flip | test, {TTA_WORDS.get(r['reference']['tta'], r['reference']['tta'])} (range) | on the front |",
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+    for k, m in med.items():
+        rows = by[k]
+        lines.append(f"| {k} | {_params(r['recipes'][k]) if k != ref else '—'} | {m['n_params'] / 1e6:.2f} M | {_sec(m['train_time_s'])} "
+                     f"({_sec(min(x['train_time_s'] for x in rows))}–{_sec(max(x['train_time_s'] for x in rows))}) | {m['train_time_s'] / tref:.2f} | "
+                     f"{m['s_per_epoch']:.1f} | {_pct(m['val_acc'])} | {_pct(m['test_acc_single_view'])} | {_pct(m['test_acc_flip'])} | "
+                     f"{_pct(m['test_acc'])} ({_rng([x['test_acc'] for x in rows])}) | {'yes' if k in front else 'no'} |")
+    lines += ['', "*On the front*: no other recipe has both a shorter or equal median training time and a higher or equal median validation accuracy "
+              "(validation, so that the front is a choice the test set did not make).", '',
+              f"Time to validation accuracy (checked every {r['probe_images']:,} training images), median over the seeds that reached it, and its ratio to the reference's:", '',
+              '| recipe | ' + ' | '.join(f"to {100 * float(a):g} %" for a in r['targets']) + ' |', '|---|' + '---:|' * len(r['targets'])]
+    for k, m in med.items():
+        cells = []
+        for a in r['targets']:
+            t, t0, hit = m['time_to_val_s'][a], med[ref]['time_to_val_s'][a], m['reached'][a]
+            cells.append('not reached' if t is None else f"{_sec(t)}{f' ({hit} of {n} seeds)' if hit < n else ''}{f', × {t / t0:.2f}' if t0 and k != ref else ''}")
+        lines.append(f"| {k} | {' | '.join(cells)} |")
+    hit94 = {k: m for k, m in med.items() if m['test_acc_flip'] >= 0.94}
+    lines += ['', "Training time of the recipes whose median test accuracy with flip is at least 94.0 % (each run's model chosen on validation): "
+              + ('; '.join(f"{k} {_sec(m['train_time_s'])}" + (f" (× {m['train_time_s'] / tref:.2f} of the reference)" if ref in hit94 and k != ref else '')
+                           for k, m in hit94.items()) if hit94 else 'none reached it')
+              + ('' if ref in hit94 else "; the reference did not reach it, so no ratio") + '.']
+    if r['ensembles']:
+        lines += ['', f"Each recipe's {n} seeds as an ensemble (temperatures and weights fitted on validation). The verdict is read on validation "
+                  "(in-sample for the mixture's few weights), against the member best on validation; the test columns are reported and decide nothing:", '',
+                  '| ensemble | training time | validation | best member (validation) | McNemar p | verdict on validation | test | best member (test) | McNemar p | what the test supports |',
+                  '|---|---:|---:|---|---:|---|---:|---|---:|---|']
+        for e in r['ensembles']:
+            dv, dt = e['val_acc'] - e['best_member_val_acc'], e['test_acc'] - e['best_member_test_acc']
+            word = lambda d, p: ('better than its best member' if d > 0 else 'worse than its best member') if p < 0.05 else 'no detectable difference'
+            lines.append(f"| {e['name']} | {_sec(e['train_time_s'])} | {_pct(e['val_acc'])} | {e['best_member_val']} ({_pct(e['best_member_val_acc'])}) | "
+                         f"{_p(e['mcnemar_p_val_vs_best_member'])} | {word(dv, e['mcnemar_p_val_vs_best_member'])} | {_pct(e['test_acc'])} | "
+                         f"{e['best_member']} ({_pct(e['best_member_test_acc'])}) | {_p(e['mcnemar_p_vs_best_member'])} | {word(dt, e['mcnemar_p_vs_best_member'])} |")
+    c = r['choice']
+    lines += ['', f"The choice, made on validation by the rule fixed before the run ({c['rule']}): **{c['chosen']}**"
+              + (f", which {'replaces' if c['replaces_reference'] else 'does not replace'} the reference: {c['why']}." if c['chosen'] != ref else f": {c['why']}.")]
+    return '\n'.join(lines) + '\n'
+
+# %% ../nbs/12_bench.ipynb #c22
 README_BEGIN = '<!-- results: generated by `fmnist bench --readme` from the newest benchmark record; do not edit by hand -->'
 README_END = '<!-- end of generated results -->'
 README_BLOCKS = {'results': (README_BEGIN, README_END)} | {   # name: (begin marker, end marker)
     k: (f'<!-- {k}: generated by `fmnist bench --readme` from the newest record in benchmarks/; do not edit by hand -->', f'<!-- end of generated {k} -->')
-    for k in ('serve', 'monitor', 'retrain', 'active', 'tune')}
+    for k in ('recipes', 'serve', 'monitor', 'retrain', 'active', 'tune')}
 STAGE_MD = {'serve': serve_md, 'monitor': monitor_md, 'retrain': retrain_md, 'active': active_md, 'tune': tune_md}
 
 def readme_block(readme:str, # README.md's text
@@ -785,6 +998,9 @@ def readme_blocks(profile:str='default', # whose newest records to show
     path, rec = recs[-1]
     pname, p = newest_pipeline(profile, root)
     out = {'results': results_md(with_supplements(path, rec), path.name, p, pname).strip('\n')}
+    rec = records(profile, root, kind='recipes')
+    out['recipes'] = (recipes_md(rec[-1][1], rec[-1][0].name) if rec else
+                      f"*No recipes record of profile `{profile}` yet: run `fmnist bench --recipes --profile {profile}` with the machine to itself.*").strip('\n')
     for k, md in STAGE_MD.items():
         out[k] = (md(p[k], pname) if p and k in p else
                   f"*No {k} figures of profile `{profile}` are recorded yet: run the stage (a search: `fmnist tune`), then `fmnist bench --record-pipeline --profile {profile}`.*").strip('\n')

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 import nbformat
-from .bench import pipeline_figures, pipeline_md, records, results_md as bench_results_md
+from .bench import REFERENCE, pareto, pipeline_figures, pipeline_md, recipe_medians, recipes_md, records, results_md as bench_results_md
 from .core import KPI_TARGETS, FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json, sha256_file
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, DataReportResult, get_dataset, load_arrays
 from .evaluate import EvaluateResult
@@ -19,8 +19,8 @@ from .runs import RunDir
 # %% auto #0
 __all__ = ['EVIDENCE', 'LIFECYCLE', 'EVIDENTLY_PAGE', 'profile_runs', 'run_results', 'results_md', 'kpis_md', 'data_card_md',
            'model_card_md', 'findings_md', 'changes_md', 'lifecycle_md', 'headline_md', 'sample_grid',
-           'accuracy_time_chart', 'headline_seeds_md', 'slo_md', 'evidently_md', 'workbench_note', 'library_notebook',
-           'render_library', 'build']
+           'accuracy_time_chart', 'headline_seeds_md', 'recipes_chart', 'recipes_page_md', 'slo_md', 'evidently_md',
+           'workbench_note', 'library_notebook', 'render_library', 'build']
 
 # %% ../nbs/13_book.ipynb #c6
 def _index(profile:str, root=None)->dict:
@@ -331,7 +331,43 @@ def headline_seeds_md(profile:str='default', # the profile whose newest committe
             f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, seeds {', '.join(map(str, r['seeds']))}); the interval is the median "
             "seed's, over test images only.\n")
 
-# %% ../nbs/13_book.ipynb #c16
+# %% ../nbs/13_book.ipynb #c14
+def recipes_chart(r:dict, # a recipes record
+                  path:Path|str, # the PNG to write (replaced atomically)
+                 )->str: # the figure's alt text
+    "Validation and test (flip) accuracy against training time for every run of a recipes record; medians, and the validation Pareto front."
+    plt = _pyplot()
+    med = recipe_medians(r['runs'])
+    front = sorted(pareto({k: (m['train_time_s'], m['val_acc']) for k, m in med.items()}), key=lambda k: med[k]['train_time_s'])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, key, title in ((axes[0], 'val_acc', 'validation (the choice is made here)'), (axes[1], 'test_acc_flip', 'test, flip: 2 views (reported)')):
+        for i, (k, m) in enumerate(med.items()):
+            runs = [x for x in r['runs'] if x['recipe'] == k]
+            ax.scatter([x['train_time_s'] for x in runs], [100 * x[key] for x in runs], s=14, color=f'C{i}', alpha=0.5)
+            ax.scatter([m['train_time_s']], [100 * m[key]], s=70, color=f'C{i}', marker='D', label=k)
+        if key == 'val_acc':
+            ax.plot([med[k]['train_time_s'] for k in front], [100 * med[k]['val_acc'] for k in front], '--', color='0.4', lw=1, label='Pareto front (medians)')
+        ax.set_title(title, fontsize=9); ax.set_xlabel('training time, seconds'); ax.grid(alpha=0.3)
+    axes[0].set_ylabel('accuracy, %'); axes[0].legend(fontsize=7, loc='lower right')
+    fig.suptitle(f"CNN recipes of profile {r['profile']}: {len(r['seeds'])} seeds each, side by side", fontsize=9)
+    fig.tight_layout(); _save_png(fig, path)
+    return (f"Two scatter plots of accuracy against training time for {len(med)} CNN recipes, {len(r['seeds'])} seeds each, with each recipe's median "
+            f"as a diamond; left validation with the Pareto front through {', '.join(front)}, right test accuracy with flip. "
+            + '; '.join(f"{k}: median {med[k]['train_time_s']:,.0f} s, validation {100 * med[k]['val_acc']:.2f} %, test {100 * med[k]['test_acc_flip']:.2f} %" for k in med) + '.')
+
+def recipes_page_md(path:Path|str, # the chart's PNG (replaced atomically; not written when there is no record)
+                    profile:str='default', # whose newest recipes record
+                    root:Path|str|None=None, # project root
+                   )->str: # Markdown
+    "The recipes page's body: the chart and the tables of the newest recipes record of `profile`."
+    recs = records(profile, root, kind='recipes')
+    if not recs: return f"*No recipes record of profile `{profile}` is committed yet: run `fmnist bench --recipes --profile {profile}` and commit `benchmarks/`.*\n"
+    rp, r = recs[-1]
+    alt = recipes_chart(r, path)
+    return (f"```{{figure}} _generated/{Path(path).name}\n:alt: {alt}\n:name: fig-recipes\n\nEvery run of `benchmarks/{rp.name}`: small dots are seeds, diamonds the "
+            f"medians. The `{REFERENCE}` recipe is the profile's own CNN.\n```\n\n" + recipes_md(r, rp.name))
+
+# %% ../nbs/13_book.ipynb #c18
 def slo_md(profile:str, # the profile
            root:Path|str|None=None, # project root
            chart:Path|str|None=None, # where to draw the p95 per window (a PNG); None: no chart
@@ -375,7 +411,7 @@ def slo_md(profile:str, # the profile
                  "from Prometheus; shaded windows are the shifts of the stream.\n```\n")
     return text
 
-# %% ../nbs/13_book.ipynb #c19
+# %% ../nbs/13_book.ipynb #c21
 EVIDENTLY_PAGE = '_static/monitor/evidently.html'   # where the site serves the monitor stage's Evidently report, relative to book/
 
 def evidently_md(profile:str, # the profile
@@ -410,7 +446,7 @@ def evidently_md(profile:str, # the profile
             f'<iframe src="{href}" title="Evidently data-drift report: validation outputs against the shifted windows of the monitoring day" '
             'style="width: 100%; height: 900px; border: 1px solid #ccc;"></iframe>\n')
 
-# %% ../nbs/13_book.ipynb #c24
+# %% ../nbs/13_book.ipynb #c26
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s*(\w[\w-]*)(.*)$')
 
 def _directives(src:str)->dict:
@@ -467,7 +503,7 @@ def library_notebook(src:Path)->'nbformat.NotebookNode':
     cells.insert(at, note)
     return nbformat.v4.new_notebook(cells=[head] + cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
 
-# %% ../nbs/13_book.ipynb #c26
+# %% ../nbs/13_book.ipynb #c28
 def render_library(dest:Path, # where the executed copies go
                    root:Path|str|None=None, # project root
                    echo=print, # where progress lines go
@@ -514,7 +550,7 @@ def render_library(dest:Path, # where the executed copies go
             raise failed.exception()
     return [dest/p.name for p in wanted]
 
-# %% ../nbs/13_book.ipynb #c30
+# %% ../nbs/13_book.ipynb #c32
 def _copy_reports(profile:str, dest:Path, root=None)->list:
     "Copy the reports of the profile's current jobs (its index) into the book, titling run reports with their run name."
     src = project_paths(root).profile_dir(profile)
@@ -612,6 +648,7 @@ def build(profile:str='default', # whose reports to publish
     with atomic_write(gen/'samples.md', 'w') as o: o.write(pictures[0])
     with atomic_write(gen/'slo.md', 'w') as o: o.write(slo_md(profile, root, gen/'slo.png'))
     with atomic_write(gen/'accuracy_time.md', 'w') as o: o.write(pictures[1] if alt else f"*No runs of profile `{profile}` yet.*\n")
+    with atomic_write(gen/'recipes.md', 'w') as o: o.write(recipes_page_md(gen/'recipes.png', 'default', root))
     exe = Path(sys.executable).parent/'jupyter-book'
     cmd = [str(exe) if exe.exists() else 'jupyter-book', 'build', str(book), '--builder', 'html'] + (['-W', '-n', '--keep-going'] if strict else [])
     r = subprocess.run(cmd, check=False, capture_output=True, text=True)

@@ -302,6 +302,8 @@ def test_home_findings_what_changed_and_collapsed_code(site):
         assert links and all((HTML / l).is_file() for l in links), it[:300]
     changes, recs = text('changes.html'), records(root=REPO)
     assert (recs[-1][0].name in changes) if recs else ('No benchmark record is committed yet' in changes)
+    recipes, rrecs = text('recipes.html'), records('default', REPO, kind='recipes')   # the newest recipes record, or the note that there is none
+    assert (rrecs[-1][0].name in recipes and 'The choice, made on validation' in recipes) if rrecs else ('No recipes record of profile' in recipes), recipes[:1500]
     rep = (HTML / 'reports' / '03_ensemble.html').read_text()
     assert 'above-input' in rep, "code cells of reports should be collapsed (hide-input)"
     assert re.search(r'<details>\s*<summary><b>Provenance</b>', rep), "the provenance block should be collapsible"

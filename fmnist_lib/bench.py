@@ -883,7 +883,7 @@ def tune_md(t:dict, # the `tune` figures of a record (`pipeline_figures`)
         if not x['completed']: stops[x['epochs']] = stops.get(x['epochs'], 0) + 1
     stopped = ', '.join((f"{v} after {k} epoch{'s' if k != 1 else ''}" if k is not None else f"{v} before its first epoch ended")   # cut by the budget
                         for k, v in sorted(stops.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
-    params = lambda r: ', '.join(f"{k.replace('_', ' ')} {r[k]:.3g}" for k in t['space'])
+    params = lambda r: ', '.join(f"{k.replace('_', ' ')} {r[k]:.3g}" if isinstance(r[k], float) else f"{k.replace('_', ' ')} {r[k]}" for k in t['space'])   # choices: as given
     b, d = t['best'], t['default']
     conc = 'one trial at a time' if t.get('max_concurrent') == 1 else f"up to {t.get('max_concurrent') or 'all'} trials at a time"
     budget = f"a {t['time_budget_s'] / 60:.0f}-minute budget" if t.get('time_budget_s') else f"{t.get('num_samples')} samples"

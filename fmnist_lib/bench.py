@@ -218,6 +218,17 @@ def pipeline_figures(profile:str, # the profile whose results to read
 # %% ../nbs/12_bench.ipynb #c12
 def _slug(s:str)->str: return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')[:40] or 'cpu'
 
+def _write_record(record:dict, path:Path, md_path:Path, to_md, echo)->dict:
+    "Check a record, write it and its Markdown (`to_md(record, file name)`), print both; the one ending of `benchmark` and `compare_recipes`."
+    check_record(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    md = to_md(record, path.name)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(md_path, 'w') as f: f.write(md)
+    echo('\n' + md); echo(f"wrote {path} ({record['wall_time_s']:.0f} s in all); `fmnist bench --readme` puts it in README.md")
+    return record
+
 def benchmark(profile:str='default', # whose recipes to measure (its train-stage runs)
               seeds:list=(0, 1, 2), # seeds for the CNN, the ViT and the classic loop
               classic_epochs:int=6, # epochs of the plain reference loop
@@ -266,15 +277,7 @@ def benchmark(profile:str='default', # whose recipes to measure (its train-stage
               'probe_images': PROBE_IMAGES, 'runs': runs, 'ensembles': ensembles, 'classic': classic,
               'pipeline': pipeline_figures(profile) if pipeline else None, 'wall_time_s': round(time.perf_counter() - t_all, 1),
               'note': 'measured with the machine to itself; times are training loops only (validation checks and scoring excluded)'}
-    check_record(record)
-    path = rec_dir/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}.json"
-    rec_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
-    md = results_md(record, path.name)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out/'benchmark.md', 'w') as f: f.write(md)
-    echo('\n' + md); echo(f"wrote {path} ({record['wall_time_s']:.0f} s in all); `fmnist bench --readme` puts it in README.md")
-    return record
+    return _write_record(record, rec_dir/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}.json", out/'benchmark.md', results_md, echo)
 
 # %% ../nbs/12_bench.ipynb #c14
 RECIPE_TARGETS = (0.90, 0.93, 0.94)   # validation accuracies whose times are recorded
@@ -400,15 +403,7 @@ def compare_recipes(profile:str='default', # whose CNN recipe is the reference
               'runs': runs, 'val_paired': val_paired, 'ensembles': ensembles, 'choice': choose_recipe(runs, val_paired),
               'wall_time_s': round(time.perf_counter() - t_all, 1),
               'note': 'measured with the machine to itself, seeds interleaved across recipes; times are training loops only (validation checks and scoring excluded)'}
-    check_record(record)
-    path = rec_dir/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}-recipes.json"
-    rec_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
-    md = recipes_md(record, path.name)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out/'recipes.md', 'w') as f: f.write(md)
-    echo('\n' + md); echo(f"wrote {path} ({record['wall_time_s']:.0f} s in all); `fmnist bench --readme` puts it in README.md")
-    return record
+    return _write_record(record, rec_dir/f"{started[:10]}-{started[11:13]}{started[14:16]}-{_slug(hw['cpu'])}-{profile}-recipes.json", out/'recipes.md', recipes_md, echo)
 
 # %% ../nbs/12_bench.ipynb #c16
 RECORD_FIELDS = ('type', 'profile', 'started_at', 'git', 'hardware', 'compute', 'seeds', 'data_checksum', 'runs', 'ensembles', 'classic')

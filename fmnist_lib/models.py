@@ -12,8 +12,8 @@ from .core import FmnistError, TTA, atomic_write, read_json, write_json
 
 # %% auto #0
 __all__ = ['FMNIST_MEAN', 'FMNIST_STD', 'CNN_POOLS', 'BUILDERS', 'Standardize', 'NoSkill', 'NearestCentroid', 'LogReg', 'conv_bn',
-           'conv_pool_bn', 'CNN', 'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build', 'to_input', 'shift',
-           'Model']
+           'conv_pool_bn', 'whitening_filters', 'CNN', 'ClassicCNN', 'Block', 'ViT', 'Ensemble', 'mix_logits', 'build',
+           'to_input', 'shift', 'Model']
 
 # %% ../nbs/02_models.ipynb #c6
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -86,18 +86,32 @@ def conv_pool_bn(cin:int, # input channels
 
 CNN_POOLS = ('late', 'early')
 
+def whitening_filters(x:torch.Tensor, # standardized float images (n, 1, h, w)
+                      k:int=3, # patch side
+                      eps:float=5e-4, # added to the eigenvalues (keeps near-constant directions from blowing up)
+                     )->torch.Tensor: # (2 k², 1, k, k) filters: the whitening directions and their negatives
+    "Filters that whiten k×k patches: the patch covariance's eigenvectors scaled by 1 / sqrt(eigenvalue + eps), each with its negative."
+    p = F.unfold(x.float(), k).transpose(1, 2).reshape(-1, k * k).double()
+    p = p - p.mean(0)
+    evals, evecs = torch.linalg.eigh(p.T @ p / len(p))
+    w = (evecs.T / (evals.clamp_min(0) + eps).sqrt()[:, None]).flip(0).float().reshape(k * k, 1, k, k)  # largest variance first
+    return torch.cat([w, -w])
+
 class CNN(nn.Module):
     "VGG-style CNN for 28×28 inputs."
     def __init__(self, widths:tuple=(32, 64, 128), # channels of each stage (a max-pool follows each stage)
                  convs:int|list=2, # 3×3 convolutions per stage: one number for all stages, or one per stage
                  n_classes:int=10, logit_scale:float=0.125, dropout:float=0.0,
                  pool:str='late', # 'late': max-pool after a stage's convolutions; 'early': right after its first one
+                 whiten:bool=False, # a fixed first layer of 3×3 patch-whitening filters and their negatives, then GELU (`fit_whiten` sets them)
                 ):
         super().__init__()
         layers, cin = [Standardize()], 1
         convs = list(convs) if isinstance(convs, (list, tuple)) else [convs] * len(widths)
         if len(convs) != len(widths): raise FmnistError(f"CNN: expected one convs entry per stage ({len(widths)}), found {convs}")
         if pool not in CNN_POOLS: raise FmnistError(f"CNN pool: expected one of {', '.join(CNN_POOLS)}, found {pool!r}")
+        if whiten:
+            layers += [nn.Conv2d(1, 18, 3, padding=1, bias=False).requires_grad_(False), nn.GELU()]; cin = 18  # frozen: not trained, saved with the weights
         for w, k in zip(widths, convs):
             if pool == 'early':
                 layers.append(conv_pool_bn(cin, w)); cin = w
@@ -109,10 +123,21 @@ class CNN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(cin, n_classes, bias=False)
         self.logit_scale = logit_scale
+    @property
+    def whiten(self)->nn.Conv2d|None:
+        "The fixed whitening layer, or None (a property: a second registration of the layer would save its weights twice)."
+        f = self.features[1]
+        return f if isinstance(f, nn.Conv2d) else None
+    def fit_whiten(self, x:torch.Tensor, # training images as floats in [0, 1] (n, 1, 28, 28); a few thousand are plenty
+                  )->'CNN':
+        "Set the whitening layer's filters from the patch statistics of `x` (after the network's standardization)."
+        if self.whiten is None: raise FmnistError("CNN fit_whiten: expected a CNN built with whiten=True, found one without a whitening layer")
+        with torch.no_grad(): self.whiten.weight.copy_(whitening_filters(self.features[0](x)))
+        return self
     def forward(self, x):
         return self.head(self.drop(self.features(x).amax((2, 3)))) * self.logit_scale
 
-# %% ../nbs/02_models.ipynb #c14
+# %% ../nbs/02_models.ipynb #c16
 class ClassicCNN(nn.Module):
     "Conv(32) → Conv(64) → max-pool → dropout → FC(128) → dropout → FC(10), as in the PyTorch MNIST example."
     def __init__(self, n_classes:int=10):
@@ -125,7 +150,7 @@ class ClassicCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(self.norm(x))))), 2)
         return self.fc2(self.drop2(F.relu(self.fc1(self.drop1(x).flatten(1)))))
 
-# %% ../nbs/02_models.ipynb #c16
+# %% ../nbs/02_models.ipynb #c18
 class Block(nn.Module):
     "Pre-norm transformer block: multi-head self-attention and an MLP, each with a residual connection."
     def __init__(self, dim:int, heads:int, mlp_ratio:float=2.0, dropout:float=0.0):
@@ -167,7 +192,7 @@ class ViT(nn.Module):
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
         return self.head(self.out_norm(self.blocks(t))[:, 0])
 
-# %% ../nbs/02_models.ipynb #c18
+# %% ../nbs/02_models.ipynb #c20
 class Ensemble(nn.Module):
     "Weighted average of member probabilities, each member's logits divided by its temperature; returns log-probabilities."
     def __init__(self, members:list, weights:list|None=None, temperatures:list|None=None):
@@ -194,7 +219,7 @@ def mix_logits(member_logits:list, # one (n, classes) logit tensor per member
     p = sum(float(w) * F.softmax(torch.as_tensor(z).float() / float(t), -1) for w, t, z in zip(weights, temperatures, member_logits))
     return torch.log(p.clamp_min(1e-12))
 
-# %% ../nbs/02_models.ipynb #c20
+# %% ../nbs/02_models.ipynb #c22
 def _build_ensemble(members:list, weights:list|None=None, temperatures:list|None=None):
     return Ensemble([build(m['kind'], **m.get('arch', {})) for m in members], weights, temperatures)
 
@@ -210,7 +235,7 @@ def build(kind:str, # one of `BUILDERS`
     try: return BUILDERS[kind](**arch)
     except TypeError as e: raise FmnistError(f"model {kind}: bad architecture arguments {arch} ({e})") from None
 
-# %% ../nbs/02_models.ipynb #c21
+# %% ../nbs/02_models.ipynb #c23
 def to_input(x, # uint8 images (n, 28, 28) as a numpy array or tensor, or floats already in [0, 1]
             )->torch.Tensor:
     "Model input: float32 in [0, 1] with shape (n, 1, 28, 28)."

@@ -5,6 +5,7 @@
 # %% ../nbs/05_train.ipynb #c3
 from __future__ import annotations
 import dataclasses, math, os, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -18,7 +19,7 @@ from . import store
 
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'OPTIMIZERS', 'TRACKING_MODES', 'TrainConfig', 'random_crop', 'random_flip', 'random_erase', 'augment',
-           'scores', 'model_scores', 'wandb_env', 'check_tracking', 'Tracker', 'make_optimizer', 'make_schedule',
+           'scores', 'model_scores', 'wandb_env', 'check_tracking', 'Tracker', 'make_optimizer', 'make_schedule', 'EMA',
            'train_epoch', 'resumable', 'restore', 'save_checkpoint', 'final_scores', 'write_run', 'time_to', 'Trained',
            'train', 'TrainResult', 'register_run', 'train_stage']
 
@@ -44,6 +45,8 @@ class TrainConfig:
     momentum: float = 0.9          # SGD momentum; AdamW beta1
     weight_decay: float = 5e-4     # L2 (SGD) or decoupled (AdamW); not applied to norms, biases, embeddings
     warmup: float = 0.2            # fraction of the steps spent rising to the peak learning rate
+    final_lr: float = 0.00016      # the last step's learning rate as a fraction of the peak (one-cycle's default 1/6,250)
+    ema: float = 0.0               # decay per step of an exponential moving average of the weights (0 = off); when on, validation, selection and the final scores use the average
     label_smoothing: float = 0.1   # share of the target mass spread over all classes
     # --- augmentation (batched tensor ops, no per-image work)
     crop_pad: int = 2              # random crop: pad by this many pixels, crop back to 28; 0 = off
@@ -54,6 +57,7 @@ class TrainConfig:
     widths: list = field(default_factory=lambda: [32, 64, 128])  # CNN channels per stage
     convs: list = field(default_factory=lambda: [2, 2, 2])       # CNN 3x3 convolutions per stage
     pool: str = 'late'             # CNN max-pool placement: late (after a stage's convolutions) | early (after its first)
+    whiten: bool = False           # CNN: a fixed first layer of 3x3 patch-whitening filters computed from 5,000 training images
     patch: int = 4                 # ViT patch side in pixels
     dim: int = 96                  # ViT token width
     depth: int = 4                 # ViT transformer blocks
@@ -79,7 +83,7 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0: bad(n, 'a non-negative integer')
         if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf): bad('lr', 'a positive finite number')
         if isinstance(self.mlp_ratio, bool) or not (isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio < math.inf): bad('mlp_ratio', 'a positive finite number')
-        for n in ('warmup', 'label_smoothing', 'erase', 'dropout', 'momentum'):
+        for n in ('warmup', 'label_smoothing', 'erase', 'dropout', 'momentum', 'ema'):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1: bad(n, 'a number in [0, 1)')
         if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf: bad('weight_decay', 'a non-negative finite number')
@@ -88,6 +92,9 @@ class TrainConfig:
         if not (isinstance(self.convs, (list, tuple)) and len(self.convs) == len(self.widths) and all(isinstance(c, int) and c > 0 for c in self.convs)):
             bad('convs', f'a list of {len(self.widths)} positive integers (one per entry of widths)')
         if self.model == 'vit' and (28 % self.patch or self.dim % self.heads): bad('patch', 'a divisor of 28 (and dim divisible by heads)')
+        if isinstance(self.final_lr, bool) or not isinstance(self.final_lr, (int, float)) or not 0 < self.final_lr <= 1: bad('final_lr', 'a number in (0, 1]')
+        if not isinstance(self.whiten, bool): bad('whiten', 'true or false')
+        if self.whiten and self.model != 'cnn': bad('whiten', f'false for a {self.model} model (only the CNN has a whitening layer)')
         if self.tta not in TTA: bad('tta', 'one of ' + ', '.join(TTA))
         if self.pool not in CNN_POOLS: bad('pool', 'one of ' + ', '.join(CNN_POOLS))
         if self.device not in ('auto', 'cpu', 'cuda'): bad('device', "'auto', 'cpu' or 'cuda'")
@@ -109,7 +116,8 @@ class TrainConfig:
 
     def arch(self)->dict:
         "The architecture arguments of this config's model kind."
-        if self.model == 'cnn': return {'widths': list(self.widths), 'convs': list(self.convs), 'dropout': self.dropout, 'pool': self.pool}
+        if self.model == 'cnn': return {'widths': list(self.widths), 'convs': list(self.convs), 'dropout': self.dropout, 'pool': self.pool,
+                                        'whiten': self.whiten}
         if self.model == 'vit': return {'patch': self.patch, 'dim': self.dim, 'depth': self.depth, 'heads': self.heads,
                                         'mlp_ratio': self.mlp_ratio, 'dropout': self.dropout}
         return {}
@@ -262,9 +270,35 @@ def make_schedule(opt:torch.optim.Optimizer, # the optimizer
                   cfg:TrainConfig, # epochs, lr and warmup
                   steps_per_epoch:int, # optimizer steps per epoch
                  )->torch.optim.lr_scheduler.LRScheduler: # OneCycleLR over cfg.epochs * steps_per_epoch steps, stepped per batch
-    "One-cycle: linear warm-up to `cfg.lr`, then linear decay to lr / 6,250."
+    "One-cycle: linear warm-up from lr / 25 to `cfg.lr`, then linear decay to `cfg.final_lr` × lr."
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
-                                               anneal_strategy='linear', cycle_momentum=False, div_factor=25, final_div_factor=250)
+                                               anneal_strategy='linear', cycle_momentum=False, div_factor=25,
+                                               final_div_factor=1 / (25 * cfg.final_lr))
+
+class EMA:
+    "An exponential moving average of a network's weights and buffers, updated after each step; early steps average with decay (1 + n) / (10 + n) so the start is forgotten."
+    def __init__(self, net:nn.Module, # the network being trained
+                 decay:float, # decay per step, in (0, 1)
+                ):
+        self.decay, self.n = decay, 0
+        self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    def update(self, net:nn.Module, # the network, after an optimizer step
+              ):
+        "Move the average towards the network's current weights (integer buffers such as batch counts are copied)."
+        self.n += 1; d = min(self.decay, (1 + self.n) / (10 + self.n))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                e = self.state[k]
+                if e.is_floating_point(): e.lerp_(v.detach(), 1 - d)
+                else: e.copy_(v)
+    @contextmanager
+    def applied(self, net:nn.Module, # the network whose weights are swapped for the average
+               ):
+        "The network with the averaged weights inside the block, its own weights again after it."
+        own = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(self.state)
+        try: yield net
+        finally: net.load_state_dict(own)
 
 # %% ../nbs/05_train.ipynb #c19
 def train_epoch(net:nn.Module, # the network, on `compute.device`
@@ -282,6 +316,7 @@ def train_epoch(net:nn.Module, # the network, on `compute.device`
                 desc:str='epoch', # the progress bar's label
                 probe=None, # f(steps done in this epoch, training seconds so far in it), called every `probe_every` steps
                 probe_every:int=0, # steps between probes; 0: none (the time a probe takes is not training time)
+                on_step=None, # f(net) after every optimizer step (the weight average), or None
                )->dict: # {'loss', 'acc', 'seconds', 'lr', 'steps'}
     "One pass over shuffled batches: augment, forward under autocast, step the optimizer and the schedule."
     from tqdm import tqdm  # the terminal bar: tqdm.auto warns about ipywidgets in every kernel, with a site-packages path
@@ -304,6 +339,7 @@ def train_epoch(net:nn.Module, # the network, on `compute.device`
         loss.backward()
         lr = opt.param_groups[0]['lr']  # the rate this step used (after the last step the schedule has run out)
         opt.step(); sched.step()
+        if on_step is not None: on_step(net)
         loss_sum += loss.detach().cpu(); correct += (logits.argmax(1) == yb).sum().cpu()
         if progress and i % 20 == 0: bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", acc=f"{correct.item() / ((i + 1) * bs):.3f}")
         if probe is not None and probe_every and (i + 1) % probe_every == 0 and i + 1 < steps:
@@ -333,6 +369,7 @@ def restore(ckpt:Path, # the checkpoint file
             opt:torch.optim.Optimizer, # its optimizer, to load the state into
             sched, # its learning-rate schedule, to load the state into
             gen:torch.Generator, # the batch-order and augmentation generator, to set the state of
+            ema:EMA|None=None, # the weight average, to load the state into (when the run keeps one)
            )->dict|None: # {'epoch', 'history', 'curve', 'train_time_s', 'best'}, or None to start afresh
     "Load an unfinished checkpoint of the same parameters into the training state."
     try: s = torch.load(ckpt, weights_only=True, map_location='cpu')
@@ -343,6 +380,7 @@ def restore(ckpt:Path, # the checkpoint file
         get_logger('train').info(f"{ckpt} is of a finished run; training from scratch"); return None
     net.load_state_dict(s['model']); opt.load_state_dict(s['optimizer']); sched.load_state_dict(s['scheduler'])
     gen.set_state(s['gen']); torch.set_rng_state(s['torch_rng'])
+    if ema is not None: ema.state, ema.n = {k: v.to(ema.state[k].device) for k, v in s['ema'].items()}, s['ema_n']
     return {'epoch': s['epoch'], 'history': s['history'], 'curve': s.get('curve', []), 'train_time_s': s['train_time_s'],
             'best': {'val_acc': s['best_val_acc'], 'epoch': s['best_epoch'], 'state': s['best_state']}}
 
@@ -357,12 +395,14 @@ def save_checkpoint(ckpt:Path, # the checkpoint file (replaced atomically)
                     train_time_s:float, # seconds in training so far
                     best:dict, # {'val_acc', 'epoch', 'state'} of the best validation epoch so far
                     curve:list=(), # mid-epoch validation probes so far
+                    ema:EMA|None=None, # the weight average, when the run keeps one
                    ):
     "Write everything `restore` needs to continue exactly where this epoch ended."
     state = {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
              'gen': gen.get_state(), 'torch_rng': torch.get_rng_state(), 'epoch': epoch, 'history': history,
              'train_time_s': train_time_s, 'best_val_acc': best['val_acc'], 'best_epoch': best['epoch'],
              'best_state': best['state'], 'params': _checkpoint_params(cfg), 'curve': list(curve)}
+    if ema is not None: state |= {'ema': ema.state, 'ema_n': ema.n}
     with atomic_write(ckpt) as f: torch.save(state, f)
 
 # %% ../nbs/05_train.ipynb #c22
@@ -434,10 +474,11 @@ def train(cfg:TrainConfig, # what to train and how
         if (start.kind, start.arch) != (model.kind, model.arch):
             raise FmnistError(f"init {init}: expected a {model.kind} model with arch {model.arch}, found a {start.kind} model with arch {start.arch}")
         model.module.load_state_dict(start.module.state_dict())
+    xtr, ytr = torch.from_numpy(data.x_train).unsqueeze(1), torch.from_numpy(data.y_train)
+    if cfg.whiten and init is None: model.module.fit_whiten(to_input(xtr[:5000]))  # training images only
     net = model.module.to(compute.device)
     if compute.channels_last: net.to(memory_format=torch.channels_last)
     params = asdict(cfg) | {'compute': str(compute)} | ({'init': str(init)} if init is not None else {})
-    xtr, ytr = torch.from_numpy(data.x_train).unsqueeze(1), torch.from_numpy(data.y_train)
     nan = {'acc': float('nan'), 'nll': float('nan')}
     history, curve, train_time, best = [], [], 0.0, {'val_acc': -1.0, 'epoch': -1, 'state': None}
     with Tracker(tracking, run_name or run.name, params, group=cfg.model) as tracker:
@@ -451,29 +492,32 @@ def train(cfg:TrainConfig, # what to train and how
             opt = make_optimizer(net, cfg)
             sched = make_schedule(opt, cfg, steps)
             gen = torch.Generator().manual_seed(cfg.seed)
+            ema = EMA(net, cfg.ema) if cfg.ema else None
+            scored = ema.applied if ema else nullcontext  # the weights validation sees: the average when the run keeps one
             start = 0
-            s = restore(run.checkpoint_path, cfg, net, opt, sched, gen) if resume and run.checkpoint_path.is_file() else None
+            s = restore(run.checkpoint_path, cfg, net, opt, sched, gen, ema) if resume and run.checkpoint_path.is_file() else None
             if s is not None:
                 start, history, curve, train_time, best = s['epoch'], s['history'], s['curve'], s['train_time_s'], s['best']
                 log.info(f"resuming {run.path} after epoch {start}")
             def probe(step, seconds, epoch):  # a mid-epoch look at validation: time-to-accuracy at step resolution
-                a = model_scores(model, data.x_val, data.y_val, compute)['acc']
+                with scored(net): a = model_scores(model, data.x_val, data.y_val, compute)['acc']
                 curve.append({'step': epoch * steps + step, 'train_time_s': round(train_time + seconds, 3), 'val_acc': a})
             for epoch in range(start, cfg.epochs):
                 probing = probe_every > 0 and len(data.y_val) > 0 and not any(c['val_acc'] >= probe_until for c in curve + history)
                 e = train_epoch(net, opt, sched, xtr, ytr, cfg.batch_size, gen, lambda x, g: augment(x, cfg, g), compute,
                                 cfg.label_smoothing, progress=progress, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
-                                probe=(lambda st, sec, ep=epoch: probe(st, sec, ep)) if probing else None, probe_every=probe_every)
+                                probe=(lambda st, sec, ep=epoch: probe(st, sec, ep)) if probing else None, probe_every=probe_every,
+                                on_step=ema.update if ema else None)
                 train_time += e['seconds']
                 # per-epoch selection looks at the plain images (one view, cheap); the final scores use the full `tta`
-                v = model_scores(model, data.x_val, data.y_val, compute) if len(data.y_val) else nan
+                with scored(net): v = model_scores(model, data.x_val, data.y_val, compute) if len(data.y_val) else nan
                 rec = {'epoch': epoch + 1, 'train_time_s': round(train_time, 3), 'train_loss': e['loss'], 'train_acc': e['acc'],
                        'val_acc': v['acc'], 'val_nll': v['nll'], 'lr': e['lr']}
                 if probing: curve.append({'step': (epoch + 1) * steps, 'train_time_s': rec['train_time_s'], 'val_acc': v['acc']})
                 history.append(rec)
                 if not v['acc'] <= best['val_acc']:  # also true for the first epoch and for NaN (no validation split)
-                    best = {'val_acc': v['acc'], 'epoch': epoch + 1, 'state': {k: t_.detach().clone() for k, t_ in net.state_dict().items()}}
-                save_checkpoint(run.checkpoint_path, cfg, net, opt, sched, gen, epoch + 1, history, train_time, best, curve)
+                    with scored(net): best = {'val_acc': v['acc'], 'epoch': epoch + 1, 'state': {k: t_.detach().clone() for k, t_ in net.state_dict().items()}}
+                save_checkpoint(run.checkpoint_path, cfg, net, opt, sched, gen, epoch + 1, history, train_time, best, curve, ema)
                 tracker.log({k: v_ for k, v_ in rec.items() if k != 'epoch'}, step=epoch + 1)
                 log.info(f"{cfg.model} epoch {rec['epoch']}/{cfg.epochs}: loss {rec['train_loss']:.3f}, "
                          f"val acc {rec['val_acc']:.4f}, {rec['train_time_s']:.0f} s")
@@ -495,7 +539,7 @@ def train(cfg:TrainConfig, # what to train and how
         if tracker.dir: write_json(run.tracking_path, {'mode': tracking, 'run_dir': str(tracker.dir), 'run_id': tracker.run.id})
     return Trained(run, metrics, record, model)
 
-# %% ../nbs/05_train.ipynb #c31
+# %% ../nbs/05_train.ipynb #c33
 @dataclass
 class TrainResult(Result):
     "The train stage's result, in the run's result.json: where the run and its model went. Its numbers live in the run's metrics.json."

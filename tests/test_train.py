@@ -77,7 +77,10 @@ def test_same_seed_same_metrics(smoke_data, tmp_path):
     assert strip(a) != strip(c)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(smoke_data, tmp_path):
+@pytest.mark.parametrize('extra', [{}, {'ema': 0.9, 'whiten': True, 'pool': 'early'}], ids=['plain', 'ema-whiten'])
+def test_resume_after_interruption_equals_uninterrupted_run(extra, smoke_data, tmp_path):
+    "The weight average (EMA) and the fitted whitening layer are part of what a checkpoint must carry."
+    smoke_cfg = lambda **kw: globals()['smoke_cfg'](**(extra | kw))
     full = train(smoke_cfg(), tmp_path / 'full', data=smoke_data, progress=False)
 
     def interrupt(epoch, rec):

@@ -13,12 +13,15 @@ from .sweep import SweepError, check_resources, connect
 from .train import TrainConfig, train
 
 # %% auto #0
-__all__ = ['TUNE_KEYS', 'SPACE_KINDS', 'load_tune_spec', 'base_config', 'run_tune']
+__all__ = ['TUNE_KEYS', 'SPACE_KINDS', 'ASHA_KEYS', 'ASHA_TIME', 'load_tune_spec', 'base_config', 'run_tune']
 
 # %% ../nbs/15_tune.ipynb #c5
 TUNE_KEYS = {'name', 'profile', 'run', 'space', 'fixed', 'num_samples', 'time_budget_s', 'max_concurrent', 'resources',
              'asha', 'tracking', 'seed', 'description', 'include_default'}
 SPACE_KINDS = ('uniform', 'loguniform', 'choice', 'randint')
+ASHA_KEYS = {'grace_period', 'reduction_factor', 'time_attr', 'max_t'}
+# what ASHA compares trials at: equal epochs, or equal training seconds (fair to recipes that differ in cost per epoch)
+ASHA_TIME = ('epoch', 'train_time_s')
 
 def load_tune_spec(path:Path|str)->dict:
     "Read a tune spec and check it against `TrainConfig`: every searched or fixed name must be a training parameter."
@@ -36,10 +39,20 @@ def load_tune_spec(path:Path|str)->dict:
     if not isinstance(space, dict) or not space: raise SweepError(f"tune spec {path}: space: expected a non-empty mapping, found {space!r}")
     for k, d in list(space.items()) + [(k, None) for k in (spec.get('fixed') or {})]:
         if k not in fields: raise SweepError(f"tune spec {path}: {k!r} is not a training parameter; expected names from {sorted(fields)}")
+        if k == 'epochs' and d is not None:  # a trial's row records the epochs it ran (ASHA stops trials early), not its schedule's length
+            raise SweepError(f"tune spec {path}: space.epochs: expected a fixed number of epochs, found a search over it; "
+                             "compare schedule lengths side by side with `fmnist bench --recipes`")
         if d is not None and not (isinstance(d, dict) and len(d) == 1 and next(iter(d)) in SPACE_KINDS):
             raise SweepError(f"tune spec {path}: space.{k}: expected one of {', '.join(SPACE_KINDS)} with arguments, found {d!r}")
     for k in ('num_samples',):
         if not isinstance(spec.get(k, 1), int) or spec.get(k, 1) < 1: raise SweepError(f"tune spec {path}: {k}: expected a positive int, found {spec.get(k)!r}")
+    asha = spec.get('asha') or {}
+    if not isinstance(asha, dict) or set(asha) - ASHA_KEYS:
+        raise SweepError(f"tune spec {path}: asha: expected a mapping with some of {sorted(ASHA_KEYS)}, found {asha!r}")
+    if asha.get('time_attr', 'epoch') not in ASHA_TIME:
+        raise SweepError(f"tune spec {path}: asha.time_attr: expected one of {', '.join(ASHA_TIME)}, found {asha['time_attr']!r}")
+    if asha.get('time_attr') == 'train_time_s' and not (isinstance(asha.get('max_t'), (int, float)) and asha['max_t'] > 0):
+        raise SweepError(f"tune spec {path}: asha.max_t: expected a positive number of training seconds (no trial runs past it) with time_attr train_time_s, found {asha.get('max_t')!r}")
     return spec
 
 def base_config(spec:dict, # a tune spec from `load_tune_spec`
@@ -111,7 +124,8 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
         tune_config=tune.TuneConfig(metric='val_acc', mode='max', num_samples=spec.get('num_samples', 8),
                                     time_budget_s=spec.get('time_budget_s'), max_concurrent_trials=spec.get('max_concurrent'),
                                     search_alg=OptunaSearch(seed=spec.get('seed', 0), points_to_evaluate=[default] if default else None),
-                                    scheduler=ASHAScheduler(time_attr='epoch', max_t=epochs, grace_period=asha.get('grace_period', 1),
+                                    scheduler=ASHAScheduler(time_attr=asha.get('time_attr', 'epoch'), grace_period=asha.get('grace_period', 1),
+                                                            max_t=epochs if asha.get('time_attr', 'epoch') == 'epoch' else asha['max_t'],
                                                             reduction_factor=asha.get('reduction_factor', 2))),
         run_config=tune.RunConfig(name=spec['name'], storage_path=str(out/'ray'), verbose=0))
     grid = tuner.fit()

@@ -143,7 +143,8 @@ def model_card_md(profile:str, # the profile
     rec = RunDir.of(profile, best['run'], root).record()
     hw, params = rec.hardware, rec.params
     ev, fair, rob = _evaluation(profile, root), _result(FairnessResult, rep/'fairness.json'), _result(RobustnessResult, rep/'robustness.json')
-    keep = ('model', 'members', 'weighting', 'epochs', 'batch_size', 'optimizer', 'lr', 'weight_decay', 'label_smoothing', 'crop_pad', 'flip', 'tta', 'widths', 'convs', 'seed')
+    keep = ('model', 'members', 'weighting', 'epochs', 'batch_size', 'optimizer', 'lr', 'final_lr', 'weight_decay', 'label_smoothing', 'ema',
+            'crop_pad', 'flip', 'tta', 'widths', 'convs', 'pool', 'whiten', 'seed')
     out = [f"**Model.** `{best['run']}` ({best['model']}, {_fmt(best['n_params'])} parameters), the run with the best "
            f"validation accuracy in profile `{profile}`.",
            f"**Metrics.** Validation accuracy {_fmt(best['val_acc'], True)}; test accuracy {_acc_ci(ev, best['run']) or _fmt(best['test_acc'], True)} "

@@ -516,7 +516,8 @@ def train(cfg:TrainConfig, # what to train and how
                 if probing: curve.append({'step': (epoch + 1) * steps, 'train_time_s': rec['train_time_s'], 'val_acc': v['acc']})
                 history.append(rec)
                 if not v['acc'] <= best['val_acc']:  # also true for the first epoch and for NaN (no validation split)
-                    with scored(net): best = {'val_acc': v['acc'], 'epoch': epoch + 1, 'state': {k: t_.detach().clone() for k, t_ in net.state_dict().items()}}
+                    chosen = ema.state if ema else net.state_dict()   # the weights validation just scored
+                    best = {'val_acc': v['acc'], 'epoch': epoch + 1, 'state': {k: t_.detach().clone() for k, t_ in chosen.items()}}
                 save_checkpoint(run.checkpoint_path, cfg, net, opt, sched, gen, epoch + 1, history, train_time, best, curve, ema)
                 tracker.log({k: v_ for k, v_ in rec.items() if k != 'epoch'}, step=epoch + 1)
                 log.info(f"{cfg.model} epoch {rec['epoch']}/{cfg.epochs}: loss {rec['train_loss']:.3f}, "

@@ -111,6 +111,7 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
     asha = spec.get('asha') or {}
+    time_attr = asha.get('time_attr', 'epoch')   # ASHA's rungs: epochs, or training seconds (then max_t is the spec's)
     epochs = base.get('epochs', TrainConfig().epochs)
     res = spec.get('resources') or {'num_cpus': 1}
     check_resources(ray, res, f"tune {spec['name']}")
@@ -124,8 +125,8 @@ def run_tune(spec_path:Path|str, # the tune spec (YAML)
         tune_config=tune.TuneConfig(metric='val_acc', mode='max', num_samples=spec.get('num_samples', 8),
                                     time_budget_s=spec.get('time_budget_s'), max_concurrent_trials=spec.get('max_concurrent'),
                                     search_alg=OptunaSearch(seed=spec.get('seed', 0), points_to_evaluate=[default] if default else None),
-                                    scheduler=ASHAScheduler(time_attr=asha.get('time_attr', 'epoch'), grace_period=asha.get('grace_period', 1),
-                                                            max_t=epochs if asha.get('time_attr', 'epoch') == 'epoch' else asha['max_t'],
+                                    scheduler=ASHAScheduler(time_attr=time_attr, grace_period=asha.get('grace_period', 1),
+                                                            max_t=epochs if time_attr == 'epoch' else asha['max_t'],
                                                             reduction_factor=asha.get('reduction_factor', 2))),
         run_config=tune.RunConfig(name=spec['name'], storage_path=str(out/'ray'), verbose=0))
     grid = tuner.fit()

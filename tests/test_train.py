@@ -80,18 +80,18 @@ def test_same_seed_same_metrics(smoke_data, tmp_path):
 @pytest.mark.parametrize('extra', [{}, {'ema': 0.9, 'whiten': True, 'pool': 'early'}], ids=['plain', 'ema-whiten'])
 def test_resume_after_interruption_equals_uninterrupted_run(extra, smoke_data, tmp_path):
     "The weight average (EMA) and the fitted whitening layer are part of what a checkpoint must carry."
-    smoke_cfg = lambda **kw: globals()['smoke_cfg'](**(extra | kw))
-    full = train(smoke_cfg(), tmp_path / 'full', data=smoke_data, progress=False)
+    cfg = lambda **kw: smoke_cfg(**(extra | kw))
+    full = train(cfg(), tmp_path / 'full', data=smoke_data, progress=False)
 
     def interrupt(epoch, rec):
         if epoch == 2: raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train(smoke_cfg(), tmp_path / 'cut', data=smoke_data, progress=False, on_epoch_end=interrupt)
+        train(cfg(), tmp_path / 'cut', data=smoke_data, progress=False, on_epoch_end=interrupt)
     assert not (tmp_path / 'cut' / 'metrics.json').exists()
-    assert resumable(smoke_cfg(), tmp_path / 'cut') and not resumable(smoke_cfg(), tmp_path / 'full'), \
+    assert resumable(cfg(), tmp_path / 'cut') and not resumable(cfg(), tmp_path / 'full'), \
         "only an unfinished run of the same parameters resumes"
-    assert not resumable(smoke_cfg(lr=0.3), tmp_path / 'cut')
-    resumed = train(smoke_cfg(), tmp_path / 'cut', data=smoke_data, progress=False, resume=True)
+    assert not resumable(cfg(lr=0.3), tmp_path / 'cut')
+    resumed = train(cfg(), tmp_path / 'cut', data=smoke_data, progress=False, resume=True)
     strip = lambda r: [{k: v for k, v in h.items() if k != 'train_time_s'} for h in r.metrics.history]
     assert strip(resumed) == strip(full)
     assert resumed.metrics.test_acc == full.metrics.test_acc

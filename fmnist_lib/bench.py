@@ -4,10 +4,10 @@
 
 # %% ../nbs/12_bench.ipynb #c3
 from __future__ import annotations
-import dataclasses, os, re, statistics, time
+import dataclasses, re, statistics, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
-from .core import (FmnistError, atomic_write, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
+from .core import (FmnistError, atomic_write, cpu_threads, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
                              write_json)
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, Split, torchvision_root
 from .ensemble import fit_mixture
@@ -45,7 +45,7 @@ def plain_classic(data, # `Data` from `load` (its train_idx selects the same tra
     "Train the classic 2-conv net with a plain fp32 DataLoader loop; return its metrics and validation curve."
     import torchvision, torchvision.transforms as T  # the reference loop alone uses torchvision's datasets
     from torch.utils.data import DataLoader, Subset
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cpu_threads())
     torch.manual_seed(seed)
     ds = torchvision.datasets.FashionMNIST(torchvision_root(data.dataset), train=True, download=False, transform=T.ToTensor())
     dl = DataLoader(Subset(ds, data.train_idx.tolist()), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))

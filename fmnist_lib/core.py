@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['TTA', 'POSITIVE_INT', 'NON_NEGATIVE_INT', 'POSITIVE_NUMBER', 'KPI_TARGETS', 'PLOTLY_JS', 'FmnistError', 'find_root',
            'Paths', 'project_paths', 'umask', 'free_port', 'atomic_write', 'write_json', 'read_json', 'sha256_bytes',
-           'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'Compute', 'pick_compute', 'git_info',
-           'hardware_info', 'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of',
+           'sha256_file', 'seed_everything', 'cpu_flags', 'cpu_supports_bf16', 'cpu_threads', 'Compute', 'pick_compute',
+           'git_info', 'hardware_info', 'provenance', 'keep_tool_files_in_project', 'utc_now', 'lib_digest', 'one_of',
            'check_values', 'file_lock', 'Result', 'get_logger', 'Interactive']
 
 # %% ../nbs/00_core.ipynb #c6
@@ -167,6 +167,17 @@ def cpu_supports_bf16()->bool:
     "True when the CPU has native bf16 instructions, where bf16 autocast pays."
     return bool({'avx512_bf16', 'amx_bf16'} & cpu_flags())
 
+def cpu_threads(threads:int=0, # threads asked for; 0: decide here
+               )->int: # CPU threads for torch
+    "`threads` when given; else `$OMP_NUM_THREADS` when set (whoever runs us shares the cores: notebooks side by side, a Ray task); else every core this process may use."
+    if threads: return threads
+    env = os.environ.get('OMP_NUM_THREADS', '').strip()
+    if not env: return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    first = env.split(',')[0].strip()   # OpenMP also accepts a nested list, e.g. "4,2"; the outer level is ours
+    if not first.isdigit() or int(first) < 1:
+        raise FmnistError(f"OMP_NUM_THREADS: expected a positive number of threads, found {env!r}")
+    return int(first)
+
 # %% ../nbs/00_core.ipynb #c22
 @dataclass(frozen=True)
 class Compute:
@@ -195,7 +206,7 @@ def pick_compute(device:str='auto', # 'auto', 'cpu' or 'cuda'
     bf16 = native if precision == 'auto' else precision == 'bf16'
     return Compute(device, 'bfloat16' if bf16 else None, channels_last=bf16 or device == 'cuda')
 
-# %% ../nbs/00_core.ipynb #c25
+# %% ../nbs/00_core.ipynb #c26
 def git_info(root:Path|str|None=None, # the repository; default: the project root
             )->dict:
     "The commit checked out at `root` and whether tracked files differ from it (`commit` is None outside git)."
@@ -229,7 +240,7 @@ def hardware_info(torch_details:bool=True, # import torch to report its version,
                     gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     return info
 
-# %% ../nbs/00_core.ipynb #c27
+# %% ../nbs/00_core.ipynb #c28
 def provenance(seed:int|None=None, # the run's seed
                data_checksum:str|None=None, # the dataset checksum (see `fmnist_lib.data.dataset_checksum`)
                **extra, # anything else to record: profile, parameters, ...
@@ -258,7 +269,7 @@ def lib_digest(root:Path|str|None=None, # project root; default: this project
     for p in sorted((project_paths(root).root/'fmnist_lib').glob('*.py')): h.update(p.name.encode()); h.update(p.read_bytes())
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #c29
+# %% ../nbs/00_core.ipynb #c30
 TTA = ('none', 'flip', 'flip+shift')  # test-time augmentation: views averaged at prediction (models, ONNX export, serving)
 
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
@@ -278,7 +289,7 @@ def check_values(where:str, # what to name in the error, e.g. 'stage evaluate'
         if k in values and not ok(values[k]): raise FmnistError(f"{where}: {k}: expected {expected}, found {values[k]!r}")
     return values
 
-# %% ../nbs/00_core.ipynb #c32
+# %% ../nbs/00_core.ipynb #c33
 @contextlib.contextmanager
 def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
               what:str, # what the lock protects, for the error message
@@ -298,7 +309,7 @@ def file_lock(path:Path|str, # the lock file (created if missing; never deleted)
         finally:
             f.seek(0); f.truncate(); fcntl.flock(f, fcntl.LOCK_UN)
 
-# %% ../nbs/00_core.ipynb #c36
+# %% ../nbs/00_core.ipynb #c37
 class Result:
     "Base of a stage's result dataclass: `to_json` writes it with its type name; `from_json` reads it back, checking the fields."
     def to_dict(self)->dict:
@@ -334,7 +345,7 @@ class Result:
         except ValueError as e: raise FmnistError(f"{path}: expected a {cls.__name__} result in JSON, found invalid JSON ({e})") from None
         return cls.from_dict(d, str(path))
 
-# %% ../nbs/00_core.ipynb #c39
+# %% ../nbs/00_core.ipynb #c40
 def get_logger(name:str='fmnist', # a child of the 'fmnist' logger
               )->logging.Logger:
     "A logger under 'fmnist' printing time, level and message to stderr; `$FMNIST_LOG_LEVEL` sets the level."
@@ -347,11 +358,11 @@ def get_logger(name:str='fmnist', # a child of the 'fmnist' logger
         base.propagate = False
     return base if name == 'fmnist' else base.getChild(name.removeprefix('fmnist.'))
 
-# %% ../nbs/00_core.ipynb #c42
+# %% ../nbs/00_core.ipynb #c43
 KPI_TARGETS = {'test_acc': 0.90,  # test accuracy of the model best on validation must exceed this
                'p95_ms': 100.0}   # API latency, 95th percentile of single-image requests, must stay below this (milliseconds)
 
-# %% ../nbs/00_core.ipynb #c44
+# %% ../nbs/00_core.ipynb #c45
 PLOTLY_JS = '_static/vendor/plotly.min.js'  # the site's copy of plotly's script, relative to the site root
 
 class Interactive:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .core import (FmnistError, Result, atomic_write, get_logger, git_info, hardware_info, pick_compute, project_paths,
+from .core import (FmnistError, Result, atomic_write, cpu_threads, get_logger, git_info, hardware_info, pick_compute, project_paths,
                              provenance, seed_everything, write_json)
 from .data import Data, Split
 from .models import CNN_POOLS, TTA, Model, to_input
@@ -68,7 +68,7 @@ class TrainConfig:
     seed: int = 0                  # initialisation, batch order and augmentation
     device: str = 'auto'           # auto | cpu | cuda
     precision: str = 'auto'        # auto (bf16 where native) | bf16 | fp32
-    threads: int = 0               # torch CPU threads; 0 = every core this process may use
+    threads: int = 0               # torch CPU threads; 0 = $OMP_NUM_THREADS when set, else every core this process may use
 
     def check(self)->'TrainConfig':
         "Raise `FmnistError` naming the first bad parameter, before any work is done."
@@ -464,7 +464,7 @@ def train(cfg:TrainConfig, # what to train and how
     for stale in run.path.rglob('.*.tmp') if run.path.is_dir() else []:  # left by a process killed mid-write (kill -9)
         stale.unlink(missing_ok=True)
     t_start = time.perf_counter()
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cpu_threads(cfg.threads))
     compute = pick_compute(cfg.device, cfg.precision)
     data = data if data is not None else cfg.split.load(progress)
     seed_everything(cfg.seed)

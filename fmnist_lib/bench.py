@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, re, statistics, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
-from .core import (FmnistError, atomic_write, cpu_threads, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
+from .core import (TTA, FmnistError, atomic_write, cpu_threads, git_info, hardware_info, pick_compute, project_paths, read_json, sha256_file, utc_now,
                              write_json)
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, Split, torchvision_root
 from .ensemble import fit_mixture
@@ -25,11 +25,11 @@ from .train import TrainConfig, model_scores, time_to, train
 __all__ = ['PROBE_IMAGES', 'TARGET', 'STAGE_FIGURES', 'RECIPE_TARGETS', 'RECIPES_FILE', 'REFERENCE', 'RECORD_FIELDS',
            'PIPELINE_RECORD_FIELDS', 'RECIPES_RECORD_FIELDS', 'SUPPLEMENT_FIELDS', 'SOURCE_FIELDS', 'PIPELINE_FIGURES',
            'OPTIONAL_FIGURES', 'MODEL_NAMES', 'TTA_WORDS', 'DETECTORS', 'MONITOR_TARGETS', 'README_BEGIN', 'README_END',
-           'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'pipeline_figures', 'benchmark', 'load_recipes',
-           'recipe_configs', 'recipe_medians', 'pareto', 'choose_recipe', 'compare_recipes', 'check_record', 'records',
-           'single_view_supplement', 'with_supplements', 'record_pipeline', 'faster_words', 'results_md', 'pipeline_md',
-           'serve_md', 'monitor_md', 'retrain_md', 'active_md', 'tune_md', 'recipes_md', 'readme_block',
-           'newest_pipeline', 'readme_blocks', 'update_readme']
+           'README_BLOCKS', 'STAGE_MD', 'plain_classic', 'view_scores', 'pipeline_figures', 'benchmark', 'load_recipes',
+           'recipe_configs', 'recipe_medians', 'pareto', 'choose_views', 'choose_recipe', 'compare_recipes',
+           'check_record', 'records', 'single_view_supplement', 'views_supplement', 'with_supplements',
+           'record_pipeline', 'faster_words', 'results_md', 'pipeline_md', 'serve_md', 'monitor_md', 'retrain_md',
+           'active_md', 'tune_md', 'recipes_md', 'readme_block', 'newest_pipeline', 'readme_blocks', 'update_readme']
 
 # %% ../nbs/12_bench.ipynb #c6
 PROBE_IMAGES = 12_800  # training images between validation checks while timing the way to 90 %
@@ -79,6 +79,18 @@ def _acc_ci(correct:np.ndarray)->list:
 def _one_view(model, data, tta:str, z_test, compute):
     "Test logits of the plain image alone: `z_test` itself when it was made with one view."
     return z_test if tta == 'none' else model.logits(data.x_test, tta='none', compute=compute)
+
+def view_scores(model, # the trained `Model`
+                data, # `Data` with the validation and test images
+                known:dict, # {view set: {'val', 'test'} logits already made}, e.g. the ones the run saved
+                compute, # a `core.Compute`
+               )->dict: # {view set: {'val': accuracy, 'test': accuracy}} for every view set in `TTA`
+    "Validation and test accuracy of a model under each test-time view set (one view, flip, 10 views), scoring only what `known` lacks."
+    out = {}
+    for v in TTA:
+        z = known.get(v) or {s: model.logits(getattr(data, f'x_{s}'), tta=v, compute=compute) for s in ('val', 'test')}
+        out[v] = {s: float(_correct(z[s], getattr(data, f'y_{s}')).mean()) for s in ('val', 'test')}
+    return out
 
 def _run_row(kind:str, seed:int, t, data, resolution:str)->tuple:
     "A trained run's row of the record, with its saved validation and test logits."
@@ -333,6 +345,11 @@ def pareto(points:dict, # {name: (seconds, accuracy)}
         return any((t2 <= t and a2 >= a) and (t2 < t or a2 > a) for m, (t2, a2) in points.items() if m != n)
     return [n for n in points if not beaten(n)]
 
+def choose_views(rows:list, # one recipe's run rows, each with `views` (`view_scores`)
+                )->str: # the view set in `TTA`
+    "The test-time views chosen on validation: the view set with the highest median validation accuracy over the seeds; a tie goes to fewer views."
+    return max(TTA, key=lambda v: (_med([x['views'][v]['val'] for x in rows]), -TTA.index(v)))
+
 def choose_recipe(runs:list, # the record's run rows (each with 'recipe', 'val_acc', 'train_time_s')
                   val_paired:dict, # {recipe: McNemar of its seeds against the reference's same seeds on validation}
                   reference:str=REFERENCE, # the name of the profile's own recipe
@@ -375,9 +392,9 @@ def compare_recipes(profile:str='default', # whose CNN recipe is the reference
             t = train(cfg, out/'runs'/f'{name}-s{seed}', data=data, progress=False, probe_every=max(1, PROBE_IMAGES // cfg.batch_size),
                       probe_until=RECIPE_TARGETS[-1])
             row, z = _run_row('cnn', seed, t, data, 'step')
-            flip = z['test'] if t.metrics.tta == 'flip' else t.model.logits(data.x_test, tta='flip', compute=compute)
+            views = view_scores(t.model, data, {t.metrics.tta: z}, compute)   # every view set on validation too, for choosing the views there
             seen = t.metrics.val_curve + t.metrics.history
-            row |= {'recipe': name, 'val_acc': t.metrics.val_acc, 'test_acc_flip': float(_correct(flip, data.y_test).mean()),
+            row |= {'recipe': name, 'val_acc': t.metrics.val_acc, 'test_acc_flip': views['flip']['test'], 'views': views,
                     'time_to_val_s': {f'{a:g}': time_to(seen, a) for a in RECIPE_TARGETS},
                     's_per_epoch': round(t.metrics.train_time_s / max(t.metrics.epochs_run, 1), 2)}
             runs.append(row); logits[(name, seed)] = z
@@ -444,6 +461,15 @@ def _check_pipeline(p:dict, where:str, complete:bool):
     for name, v in accs:
         if not (isinstance(v, (int, float)) and 0 <= v <= 1): raise FmnistError(f"{where}: pipeline.{name}: expected an accuracy in [0, 1], found {v!r}")
 
+def _check_views(views, where:str):
+    "Raise FmnistError unless `views` holds a validation and a test accuracy in [0, 1] for every view set in `TTA`."
+    if not isinstance(views, dict) or sorted(views) != sorted(TTA):
+        raise FmnistError(f"{where}.views: expected the view sets {', '.join(TTA)}, found {sorted(views) if isinstance(views, dict) else views!r}")
+    for v in TTA:
+        for s in ('val', 'test'):
+            a = views[v].get(s) if isinstance(views[v], dict) else None
+            if not (isinstance(a, (int, float)) and 0 <= a <= 1): raise FmnistError(f"{where}.views.{v}.{s}: expected an accuracy in [0, 1], found {a!r}")
+
 def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipeline': the stage figures alone)
                  where:str='benchmark record', # names it in errors
                 )->dict: # `r`
@@ -453,6 +479,7 @@ def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipel
         if missing: raise FmnistError(f"{where}: expected a supplement with {', '.join(SUPPLEMENT_FIELDS)}, found {missing} missing")
         for kind in ('runs', 'ensembles'):
             for i, row in enumerate(r[kind]):
+                if kind == 'runs' and 'views' in row: _check_views(row['views'], f"{where}: runs[{i}]"); continue
                 v = row.get('test_acc_single_view')
                 if not (isinstance(v, (int, float)) and 0 <= v <= 1):
                     raise FmnistError(f"{where}: {kind}[{i}].test_acc_single_view: expected an accuracy in [0, 1], found {v!r}")
@@ -465,6 +492,7 @@ def check_record(r:dict, # a benchmark record, or a pipeline record (type 'pipel
             for k in ('val_acc', 'test_acc', 'test_acc_flip', 'test_acc_single_view'):
                 if not (isinstance(row.get(k), (int, float)) and 0 <= row[k] <= 1):
                     raise FmnistError(f"{where}: runs[{i}].{k}: expected an accuracy in [0, 1], found {row.get(k)!r}")
+            if 'views' in row: _check_views(row['views'], f"{where}: runs[{i}]")
             for k, v in row['time_to_val_s'].items():
                 if v is not None and not (isinstance(v, (int, float)) and v >= 0): raise FmnistError(f"{where}: runs[{i}].time_to_val_s.{k}: expected seconds >= 0, found {v!r}")
         if r['choice']['chosen'] not in r['recipes']: raise FmnistError(f"{where}: choice.chosen: expected one of {sorted(r['recipes'])}, found {r['choice']['chosen']!r}")
@@ -537,10 +565,40 @@ def single_view_supplement(record:Path|str, # a committed benchmark record made 
     check_record(sup, path.name); write_json(path, sup)
     return path, sup
 
+def views_supplement(record:Path|str, # a committed recipes record made before its runs had accuracies under every view set
+                     runs_dir:Path|str|None=None, # its trained runs (default reports/bench/<profile>-recipes/runs/)
+                     root=None, # project root
+                    )->tuple: # (path, supplement), written beside the record as <record>-views.json
+    "Validation and test accuracy of a recipes record's runs under every test-time view set, from the runs it saved: each must match the record first."
+    record = Path(record); rec = check_record(read_json(record), record.name)
+    if rec['type'] != 'recipes': raise FmnistError(f"{record.name}: expected a recipes record, found type {rec['type']!r}")
+    runs_dir = Path(runs_dir) if runs_dir else project_paths(root).reports/'bench'/f"{rec['profile']}-recipes"/'runs'
+    data, compute, rows = None, pick_compute(), []
+    for row in rec['runs']:
+        run = RunDir(runs_dir/f"{row['recipe']}-s{row['seed']}"); m = run.metrics()
+        if (m.test_acc, m.val_acc, m.tta) != (row['test_acc'], row['val_acc'], row['tta']):
+            raise FmnistError(f"{run.path}: expected the run of {record.name} (test accuracy {row['test_acc']}, validation {row['val_acc']}, tta {row['tta']}), "
+                              f"found {m.test_acc}, {m.val_acc}, {m.tta}")
+        data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
+        z = run.logits(data, m.tta)
+        if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
+        views = view_scores(run.load_model(), data, {m.tta: z}, compute)
+        for v, k in ((m.tta, 'val_acc'), ('none', 'test_acc_single_view'), ('flip', 'test_acc_flip')):   # bf16 may flip a handful of images
+            if abs(views[v]['val' if k == 'val_acc' else 'test'] - row[k]) > 0.002:
+                raise FmnistError(f"{run.path}: expected the record's {k} {row[k]}, found {views[v]['val' if k == 'val_acc' else 'test']}")
+        rows.append({'name': run.path.name, 'views': views})
+    sup = {'type': 'supplement', 'profile': rec['profile'], 'started_at': utc_now(), 'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute),
+           'of': record.name, 'of_sha256': sha256_file(record), 'runs': rows, 'ensembles': [],
+           'note': "validation and test accuracies of every run under each test-time view set, computed later from the runs the record's "
+                   "benchmark saved (their accuracies checked against the record first), so that the views can be chosen on validation"}
+    path = record.with_name(record.stem + '-views.json')
+    check_record(sup, path.name); write_json(path, sup)
+    return path, sup
+
 def with_supplements(path:Path, # a benchmark record's file
                      rec:dict, # that record
-                    )->dict: # the record with its supplements' one-view figures merged in, and `supplemented_by` naming them
-    "A record plus the one-view figures of any supplement made for exactly this file (its SHA-256 must match)."
+                    )->dict: # the record with its supplements' figures merged in, and `supplemented_by` naming them
+    "A record plus the figures of any supplement made for exactly this file (its SHA-256 must match): one-view accuracies, accuracies under every view set."
     out = {**rec, 'ensembles': [dict(e) for e in rec['ensembles']], 'runs': [dict(x) for x in rec['runs']]}
     for sp in sorted(path.parent.glob(path.stem + '-*.json')):
         sup = read_json(sp)
@@ -549,6 +607,10 @@ def with_supplements(path:Path, # a benchmark record's file
         one = {e['name']: e['test_acc_single_view'] for e in sup['ensembles']}
         for e in out['ensembles']:
             if e['name'] in one and 'test_acc_single_view' not in e: e['test_acc_single_view'] = one[e['name']]
+        views = {x['name']: x['views'] for x in sup['runs'] if 'views' in x}
+        for x in out['runs']:
+            n = f"{x.get('recipe', x.get('model'))}-s{x['seed']}"
+            if n in views and 'views' not in x: x['views'] = views[n]
         out['supplemented_by'] = out.get('supplemented_by', []) + [sp.name]
     return out
 
@@ -930,7 +992,19 @@ def recipes_md(r:dict, # a recipes record (`compare_recipes`)
                      f"{m['s_per_epoch']:.1f} | {_pct(m['val_acc'])} | {_pct(m['test_acc_single_view'])} | {_pct(m['test_acc_flip'])} | "
                      f"{_pct(m['test_acc'])} ({_rng([x['test_acc'] for x in rows])}) | {'yes' if k in front else 'no'} |")
     lines += ['', "*On the front*: no other recipe has both a shorter or equal median training time and a higher or equal median validation accuracy "
-              "(validation, so that the front is a choice the test set did not make).", '',
+              "(validation, so that the front is a choice the test set did not make)."]
+    if all('views' in x for x in r['runs']):
+        sup = [s for s in r.get('supplemented_by', []) if s.endswith('-views.json')]
+        lines += ['', "Test-time views chosen on validation: for each recipe, the view set with the highest median validation accuracy over its seeds "
+                  "(a tie goes to fewer views), and the median test accuracy with those views"
+                  + (f" (computed afterwards from the runs this benchmark saved: `benchmarks/{sup[0]}`)" if sup else '') + ':', '',
+                  '| recipe | ' + ' | '.join(f"validation, {TTA_WORDS[v]}" for v in TTA) + ' | chosen | test with the chosen views (range) |',
+                  '|---|' + '---:|' * len(TTA) + '---|---:|']
+        for k in med:
+            rows, v = by[k], choose_views(by[k])
+            lines.append(f"| {k} | " + ' | '.join(_pct(_med([x['views'][w]['val'] for x in rows])) for w in TTA) + f" | {TTA_WORDS[v]} | "
+                         f"{_pct(_med([x['views'][v]['test'] for x in rows]))} ({_rng([x['views'][v]['test'] for x in rows])}) |")
+    lines += ['',
               f"Time to validation accuracy (checked every {r['probe_images']:,} training images), median over the seeds that reached it, and its ratio to the reference's:", '',
               '| recipe | ' + ' | '.join(f"to {100 * float(a):g} %" for a in r['targets']) + ' |', '|---|' + '---:|' * len(r['targets'])]
     for k, m in med.items():
@@ -994,7 +1068,7 @@ def readme_blocks(profile:str='default', # whose newest records to show
     pname, p = newest_pipeline(profile, root)
     out = {'results': results_md(with_supplements(path, rec), path.name, p, pname).strip('\n')}
     rec = records(profile, root, kind='recipes')
-    out['recipes'] = (recipes_md(rec[-1][1], rec[-1][0].name) if rec else
+    out['recipes'] = (recipes_md(with_supplements(*rec[-1]), rec[-1][0].name) if rec else
                       f"*No recipes record of profile `{profile}` yet: run `fmnist bench --recipes --profile {profile}` with the machine to itself.*").strip('\n')
     for k, md in STAGE_MD.items():
         out[k] = (md(p[k], pname) if p and k in p else

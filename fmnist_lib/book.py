@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 import nbformat
-from .bench import REFERENCE, pareto, pipeline_figures, pipeline_md, recipe_medians, recipes_md, records, results_md as bench_results_md
+from .bench import REFERENCE, pareto, pipeline_figures, pipeline_md, recipe_medians, recipes_md, records, results_md as bench_results_md, with_supplements
 from .core import KPI_TARGETS, FmnistError, atomic_write, keep_tool_files_in_project, lib_digest, project_paths, read_json, sha256_file
 from .data import HUMAN_ACCURACY, HUMAN_SOURCE, DataReportResult, get_dataset, load_arrays
 from .evaluate import EvaluateResult
@@ -366,7 +366,7 @@ def recipes_page_md(path:Path|str, # the chart's PNG (replaced atomically; not w
     rp, r = recs[-1]
     alt = recipes_chart(r, path)
     return (f"```{{figure}} _generated/{Path(path).name}\n:alt: {alt}\n:name: fig-recipes\n\nEvery run of `benchmarks/{rp.name}`: small dots are seeds, diamonds the "
-            f"medians. The `{REFERENCE}` recipe is the profile's own CNN.\n```\n\n" + recipes_md(r, rp.name))
+            f"medians. The `{REFERENCE}` recipe is the profile's own CNN.\n```\n\n" + recipes_md(with_supplements(rp, r), rp.name))
 
 # %% ../nbs/13_book.ipynb #c18
 def slo_md(profile:str, # the profile

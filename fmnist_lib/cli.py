@@ -95,10 +95,14 @@ def cmd_book(a)->int:
 # %% ../nbs/90_cli.ipynb #c10
 def cmd_bench(a)->int:
     "Measure the profile's CNN and ViT over seeds, their ensembles, the baselines and a plain fp32 loop; print and record figures."
-    from fmnist_lib.bench import benchmark, compare_recipes, record_pipeline, single_view_supplement, update_readme
+    from fmnist_lib.bench import benchmark, compare_recipes, record_pipeline, single_view_supplement, update_readme, views_supplement
     if a.single_view:
         path, _ = single_view_supplement(a.single_view)
         print(f"wrote {path}: the one-view figures of {a.single_view}'s runs and ensembles, from its saved runs; commit it, then `fmnist bench --readme`")
+        return 0
+    if a.views:
+        path, _ = views_supplement(a.views)
+        print(f"wrote {path}: validation and test accuracy of {a.views}'s runs under every view set, from its saved runs; commit it, then `fmnist bench --readme`")
         return 0
     if a.record_pipeline:
         path, _ = record_pipeline(a.profile)
@@ -254,6 +258,8 @@ def build_parser()->argparse.ArgumentParser:
     be.add_argument('--classic-epochs', type=int, default=6, help="epochs of the plain reference loop (default: 6)")
     be.add_argument('--single-view', metavar='RECORD', help="only add one-view test accuracies to RECORD (a benchmarks/ file made before "
                     "ensembles had them), computed from the runs its benchmark saved in reports/bench/<profile>/runs/")
+    be.add_argument('--views', metavar='RECORD', help="only add validation and test accuracies under every test-time view set to RECORD (a recipes "
+                    "record made before runs had them, so the views can be chosen on validation), from the runs in reports/bench/<profile>-recipes/runs/")
     be.add_argument('--readme', action='store_true', help="only regenerate README.md's generated blocks from the newest records in benchmarks/")
     be.add_argument('--record-pipeline', action='store_true', help="only record the headline figures of reports/PROFILE/'s stage results in benchmarks/ (no training)")
     be.add_argument('--recipes', action='store_true', help="instead, train the profile's CNN recipe and the candidates in nbs/experiments/recipes.yaml side by "

@@ -183,11 +183,12 @@ def serve_stage(profile:str, # the profile (names the report folder)
     # over HTTP: the served model and the best CNN (the issue's targets are the CNN's), sequential then under load
     extra = ['--threads', str(threads)] if threads else []
     bodies = [npy_bytes(x[i % len(x)]) for i in range(n_sequential)]
-    http = {}
+    http, log_dir = {}, out/'serve'/'log'
+    for f in log_dir.glob('*.jsonl*'): f.unlink()   # the servers' log holds this run's requests alone (rotation alone kept up to 300 MB of old runs)
     for n in dict.fromkeys([served] + ([best_cnn] if best_cnn else [])):
         folder, h = out/'serve'/'models'/n, {'sequential': {}, 'load': []}
         for t in dict.fromkeys(('none', tta)):
-            with ServerProcess(folder, out/'serve'/'log', '--tta', t, *extra) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+            with ServerProcess(folder, log_dir, '--tta', t, *extra) as s, httpx.Client(base_url=s.url, timeout=30) as c:
                 ms = []
                 for body in bodies:
                     t1 = time.perf_counter(); r = c.post('/v1/predict', content=body, headers={'content-type': 'application/x-npy'})

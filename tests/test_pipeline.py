@@ -105,6 +105,21 @@ def test_force_reruns(project_copy):
     assert [j['status'] for j in index['jobs'] if j['key'] == 'data_report'] == ['ok']
 
 
+def test_a_serve_rerun_starts_its_servers_log_afresh(project_copy):
+    "The load test's servers log every request; a rerun keeps its own requests only, where rotation kept up to 300 MB of earlier runs'."
+    from datetime import datetime, timezone
+    from fmnist_lib.serve import read_log
+    log = project_copy / 'reports' / 'smoke' / 'serve' / 'log'
+    log.mkdir(parents=True, exist_ok=True)
+    (log / 'predictions.jsonl.4').write_text('{"time": "2026-01-01T00:00:00+00:00", "request_id": "an-earlier-run", "item": 0}\n')
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    index = run('smoke', stages=['serve'], force=True, echo=lambda s: None)
+    assert [j['status'] for j in index['jobs'] if j['key'] == 'serve'] == ['ok']
+    records = read_log(log)
+    assert records and not (log / 'predictions.jsonl.4').exists()
+    assert min(datetime.fromisoformat(r['time']) for r in records) >= started, "a request older than this run stayed in the log"
+
+
 def test_failing_stage_names_notebook_and_cell_and_keeps_earlier_reports(project_copy):
     rep = project_copy / 'reports' / 'smoke'
     (rep / 'runs' / 'vit-s0' / 'model' / 'model.safetensors').unlink()   # a member damaged after it was trained

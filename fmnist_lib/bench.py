@@ -528,6 +528,21 @@ def records(profile:str|None=None, # only this profile's
     return sorted([x for x in out if (profile is None or x[1]['profile'] == profile) and (kind is None or x[1]['type'] == kind)],
                   key=lambda x: x[1]['started_at'])
 
+def _saved_logits(run:RunDir, data, tta:str)->tuple:
+    "(data, logits): the data of the run's own split (loaded once, by the first run) and the logits the run saved with `tta`."
+    data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
+    z = run.logits(data, tta)
+    if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
+    return data, z
+
+def _write_supplement(record:Path, rec:dict, suffix:str, compute, runs:list, ensembles:list, note:str)->tuple:
+    "Write `<record><suffix>` beside `record`: figures computed later from its saved runs, bound to the record by its SHA-256."
+    sup = {'type': 'supplement', 'profile': rec['profile'], 'started_at': utc_now(), 'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute),
+           'of': record.name, 'of_sha256': sha256_file(record), 'runs': runs, 'ensembles': ensembles, 'note': note}
+    path = record.with_name(record.stem + suffix)
+    check_record(sup, path.name); write_json(path, sup)
+    return path, sup
+
 def single_view_supplement(record:Path|str, # a committed benchmark record made before ensembles had a one-view score
                            runs_dir:Path|str|None=None, # its trained runs (default reports/bench/<profile>/runs/)
                            root=None, # project root
@@ -542,9 +557,7 @@ def single_view_supplement(record:Path|str, # a committed benchmark record made 
         run = RunDir(runs_dir/name); m = run.metrics()
         if m.test_acc != row['test_acc'] or m.tta != row['tta']:
             raise FmnistError(f"{run.path}: expected the run of {record.name} (test accuracy {row['test_acc']}, tta {row['tta']}), found {m.test_acc}, {m.tta}")
-        data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
-        z = run.logits(data, m.tta)
-        if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
+        data, z = _saved_logits(run, data, m.tta)
         z['test_single_view'] = _one_view(run.load_model(), data, m.tta, z['test'], compute)
         single = float(_correct(z['test_single_view'], data.y_test).mean())
         if 'test_acc_single_view' in row and abs(single - row['test_acc_single_view']) > 0.002:   # bf16 may flip a handful of test images
@@ -557,13 +570,9 @@ def single_view_supplement(record:Path|str, # a committed benchmark record made 
             raise FmnistError(f"{record.name}: ensemble {e['name']}: expected the recorded weights {e['weights']}, found {[round(float(w), 4) for w in mix.weights]}")
         one = _correct(mix.mix([logits[m]['test_single_view'] for m in e['members']]).numpy(), data.y_test)
         ens.append({'name': e['name'], 'test_acc_single_view': float(one.mean())})
-    sup = {'type': 'supplement', 'profile': rec['profile'], 'started_at': utc_now(), 'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute),
-           'of': record.name, 'of_sha256': sha256_file(record), 'runs': rows, 'ensembles': ens,
-           'note': "one-view test accuracies computed later from the runs the record's benchmark saved (their accuracies and the "
-                   "ensembles' validation-fitted weights checked against the record first); the same mixture on one view per member"}
-    path = record.with_name(record.stem + '-single-view.json')
-    check_record(sup, path.name); write_json(path, sup)
-    return path, sup
+    return _write_supplement(record, rec, '-single-view.json', compute, rows, ens,
+                             "one-view test accuracies computed later from the runs the record's benchmark saved (their accuracies and the "
+                             "ensembles' validation-fitted weights checked against the record first); the same mixture on one view per member")
 
 def views_supplement(record:Path|str, # a committed recipes record made before its runs had accuracies under every view set
                      runs_dir:Path|str|None=None, # its trained runs (default reports/bench/<profile>-recipes/runs/)
@@ -579,21 +588,14 @@ def views_supplement(record:Path|str, # a committed recipes record made before i
         if (m.test_acc, m.val_acc, m.tta) != (row['test_acc'], row['val_acc'], row['tta']):
             raise FmnistError(f"{run.path}: expected the run of {record.name} (test accuracy {row['test_acc']}, validation {row['val_acc']}, tta {row['tta']}), "
                               f"found {m.test_acc}, {m.val_acc}, {m.tta}")
-        data = data or Split(**{k: run.record().params[k] for k in ('dataset', 'val_size', 'train_size', 'test_size', 'split_seed')}).load()
-        z = run.logits(data, m.tta)
-        if not z['saved']: raise FmnistError(f"{run.path}: expected the logits it saved with the record's data, found none that fit")
+        data, z = _saved_logits(run, data, m.tta)
         views = view_scores(run.load_model(), data, {m.tta: z}, compute)
-        for v, k in ((m.tta, 'val_acc'), ('none', 'test_acc_single_view'), ('flip', 'test_acc_flip')):   # bf16 may flip a handful of images
-            if abs(views[v]['val' if k == 'val_acc' else 'test'] - row[k]) > 0.002:
-                raise FmnistError(f"{run.path}: expected the record's {k} {row[k]}, found {views[v]['val' if k == 'val_acc' else 'test']}")
+        for v, part, k in ((m.tta, 'val', 'val_acc'), ('none', 'test', 'test_acc_single_view'), ('flip', 'test', 'test_acc_flip')):   # bf16 may flip a handful of images
+            if abs(views[v][part] - row[k]) > 0.002: raise FmnistError(f"{run.path}: expected the record's {k} {row[k]}, found {views[v][part]}")
         rows.append({'name': run.path.name, 'views': views})
-    sup = {'type': 'supplement', 'profile': rec['profile'], 'started_at': utc_now(), 'git': git_info(), 'hardware': hardware_info(), 'compute': str(compute),
-           'of': record.name, 'of_sha256': sha256_file(record), 'runs': rows, 'ensembles': [],
-           'note': "validation and test accuracies of every run under each test-time view set, computed later from the runs the record's "
-                   "benchmark saved (their accuracies checked against the record first), so that the views can be chosen on validation"}
-    path = record.with_name(record.stem + '-views.json')
-    check_record(sup, path.name); write_json(path, sup)
-    return path, sup
+    return _write_supplement(record, rec, '-views.json', compute, rows, [],
+                             "validation and test accuracies of every run under each test-time view set, computed later from the runs the record's "
+                             "benchmark saved (their accuracies checked against the record first), so that the views can be chosen on validation")
 
 def with_supplements(path:Path, # a benchmark record's file
                      rec:dict, # that record

@@ -3,8 +3,9 @@ import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 import nbformat
 import pytest
-from fmnist_lib.core import FmnistError
+from fmnist_lib.core import FmnistError, utc_now
 from fmnist_lib.pipeline import PipelineError, plan, run
+from fmnist_lib.serve import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,17 +108,15 @@ def test_force_reruns(project_copy):
 
 def test_a_serve_rerun_starts_its_servers_log_afresh(project_copy):
     "The load test's servers log every request; a rerun keeps its own requests only, where rotation kept up to 300 MB of earlier runs'."
-    from datetime import datetime, timezone
-    from fmnist_lib.serve import read_log
     log = project_copy / 'reports' / 'smoke' / 'serve' / 'log'
     log.mkdir(parents=True, exist_ok=True)
     (log / 'predictions.jsonl.4').write_text('{"time": "2026-01-01T00:00:00+00:00", "request_id": "an-earlier-run", "item": 0}\n')
-    started = datetime.now(timezone.utc).replace(microsecond=0)
+    started = utc_now()   # the log's own format: ISO 8601 UTC to the second, so strings order as times
     index = run('smoke', stages=['serve'], force=True, echo=lambda s: None)
     assert [j['status'] for j in index['jobs'] if j['key'] == 'serve'] == ['ok']
     records = read_log(log)
     assert records and not (log / 'predictions.jsonl.4').exists()
-    assert min(datetime.fromisoformat(r['time']) for r in records) >= started, "a request older than this run stayed in the log"
+    assert min(r['time'] for r in records) >= started, "a request older than this run stayed in the log"
 
 
 def test_failing_stage_names_notebook_and_cell_and_keeps_earlier_reports(project_copy):

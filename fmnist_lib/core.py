@@ -255,7 +255,10 @@ def keep_tool_files_in_project(root:Path|str|None=None, # project root
     "Point matplotlib's and IPython's caches into the project's .cache/, so kernels and builds write nothing to $HOME."
     cache = project_paths(root).root/'.cache'
     env = {'MPLCONFIGDIR': str(cache/'matplotlib'), 'IPYTHONDIR': str(cache/'ipython')}
-    for k, v in env.items(): os.environ.setdefault(k, v)
+    for k, v in env.items():
+        if k in os.environ: continue   # the user's own setting stands, and is theirs to create
+        Path(v).mkdir(parents=True, exist_ok=True)   # IPython warns about a missing parent and falls back to a temp folder
+        os.environ[k] = v
     return env
 
 def utc_now()->str:
